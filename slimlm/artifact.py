@@ -1,0 +1,166 @@
+"""The slimlm artifact: a folder with safetensors weights, config, tokenizer, ``recipe.yaml`` and a
+``slimlm.json`` manifest naming the format of every replaced module.
+
+Writes go to a temporary sibling folder that is renamed into place at the end, so an interrupted
+run never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slimlm.errors import SlimlmError
+from slimlm.layers import FORMATS
+from slimlm.models.load import MANIFEST, LoadedModel, make_info
+
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def git_hash() -> str | None:
+    """The slimlm checkout's commit, when running from one."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def layer_formats(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every module in a registered runtime format, with the spec that rebuilds it empty."""
+    return {
+        name: {"format": mod.format, "spec": mod.spec()}
+        for name, mod in model.named_modules()
+        if getattr(mod, "format", None) in FORMATS.names()
+    }
+
+
+def storage_round(model: nn.Module, storage_dtype: str) -> None:
+    """Round floating parameters through the storage dtype in memory, so a reload is bit-identical."""
+    dt = DTYPES[storage_dtype]
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dt:
+                p.copy_(p.to(dt).to(p.dtype))
+
+
+def _tensors_for_disk(model: nn.Module, storage_dtype: str) -> dict[str, torch.Tensor]:
+    dt = DTYPES[storage_dtype]
+    params = {id(p) for p in model.parameters()}
+    seen: dict[int, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = id(t)
+        if key in seen:  # tied weights are stored once
+            continue
+        seen[key] = name
+        t = t.detach()
+        if key in params and t.is_floating_point():
+            t = t.to(dt)
+        out[name] = t.contiguous().cpu()
+    return out
+
+
+def save_artifact(lm: LoadedModel, out: str | Path, *, recipe_yaml: str, storage_dtype: str,
+                  report: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write ``lm`` as an artifact folder at ``out`` atomically; returns the folder."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SlimlmError(f"output folder {out} already exists", "choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(_tensors_for_disk(lm.model, storage_dtype), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        lm.model.config.save_pretrained(str(tmp))
+        lm.tokenizer.save_pretrained(str(tmp))
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        manifest = {
+            "slimlm_format": FORMAT_VERSION,
+            "slimlm_version": _version(),
+            "git_hash": git_hash(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
+            "source": {"path": lm.info.source, "kind": lm.info.source_kind, "hash": lm.info.source_hash,
+                       "n_params": report.get("source_params")},
+            "storage_dtype": storage_dtype,
+            "layers": layer_formats(lm.model),
+            "report": report,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, trash)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _version() -> str:
+    from slimlm import __version__
+
+    return __version__
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except json.JSONDecodeError as exc:
+        raise SlimlmError(f"{path / MANIFEST} is not valid JSON ({exc})", "re-create the artifact with `slimlm compress`") from None
+    if manifest.get("slimlm_format", 0) > FORMAT_VERSION:
+        raise SlimlmError(f"{path} was written by a newer slimlm (format {manifest['slimlm_format']})", "upgrade slimlm")
+    return manifest
+
+
+def load_artifact(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Rebuild the model skeleton, swap in the recorded layer formats, then load the weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.initialization import no_init_weights
+
+    manifest = read_manifest(path)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise SlimlmError(f"{weights} is missing", "re-create the artifact with `slimlm compress`")
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise SlimlmError(f"{weights} is not a valid safetensors file ({exc})", "re-create the artifact with `slimlm compress`") from None
+    config = AutoConfig.from_pretrained(str(path))
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model = model.to(dtype)
+    for name, entry in manifest["layers"].items():
+        from slimlm.models.arch import set_module
+
+        set_module(model, name, FORMATS.get(entry["format"]).empty(entry["spec"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+        tied = {k for k in missing if k.endswith("lm_head.weight")}
+        missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise SlimlmError(
+            f"{weights} does not match its manifest (missing {missing[:3]}, unexpected {unexpected[:3]})",
+            "re-create the artifact with `slimlm compress`",
+        )
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(str(path))
+    recipe = (path / "recipe.yaml").read_text() if (path / "recipe.yaml").is_file() else None
+    info = make_info(model, tok, str(path), "artifact", manifest["source"]["hash"], recipe, weights_dir=path)
+    return LoadedModel(model, tok, info)

