@@ -1,12 +1,20 @@
-"""Command line: every command is a thin view of the Python API and its config objects."""
+"""Command line: every command is a thin view of the Python API and its config objects.
+
+Core commands live here; each module of :mod:`slimlm.commands` adds its own subcommand through
+``add_parser(subparsers)`` (set ``func`` with ``set_defaults``), so features plug in without
+editing this file.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import pkgutil
 import sys
 from typing import Any, Sequence
 
+from slimlm import commands
 from slimlm.errors import SlimlmError
 
 
@@ -109,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=8192, help="perplexity tokens per model")
     d.add_argument("--results", default=None, help="results file to append to")
     d.set_defaults(func=cmd_demo)
+
+    for name in sorted(m.name for m in pkgutil.iter_modules(commands.__path__)):
+        importlib.import_module(f"slimlm.commands.{name}").add_parser(sub)
     return p
 
 

@@ -1,0 +1,1 @@
+"""Pluggable CLI subcommands: each module defines ``add_parser(subparsers) -> None``."""
