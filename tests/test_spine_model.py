@@ -104,3 +104,14 @@ def test_eval_rows_have_provenance(default_lm, eval_text) -> None:
     assert eff["decode_tok_s"] > 0 and eff["ttft_s"] > 0 and eff["bytes_on_disk"] > 5e8
     for r in rows:
         assert {"machine", "versions", "timestamp", "git_hash", "recipe"} <= set(r)
+
+
+def test_cli_eval_json_lines(capsys, tmp_path) -> None:
+    from slimlm.cli import main
+
+    results = tmp_path / "r.jsonl"
+    assert main(["eval", "default", "--json", "--data", "shakespeare", "--max-tokens", "300", "--no-speed",
+                 "--results", str(results)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 1 and lines[0]["kind"] == "quality" and lines[0]["perplexity"] > 1
+    assert json.loads(results.read_text().splitlines()[0])["perplexity"] == lines[0]["perplexity"]
