@@ -6,7 +6,7 @@ from typing import Any
 
 from slimlm.data import data_dir, load_text
 from slimlm.errors import SlimlmError
-from slimlm.eval.efficiency import efficiency
+from slimlm.eval.efficiency import bytes_on_disk, efficiency
 from slimlm.eval.quality import perplexity
 from slimlm.models.load import LoadedModel
 from slimlm.results import run_metadata
@@ -29,7 +29,8 @@ def evaluate(lm: LoadedModel, *, data: str = "auto", window: int = 512, max_toke
     source = resolve_eval_source(data)
     meta = run_metadata()
     base = {"model": label or lm.info.source, "source_kind": lm.info.source_kind, "source_hash": lm.info.source_hash,
-            "model_type": lm.info.model_type, "recipe": lm.info.recipe, **meta}
+            "model_type": lm.info.model_type, "recipe": lm.info.recipe, "params": lm.info.n_params,
+            "bytes_on_disk": bytes_on_disk(lm.info.weights_dir), **meta}
     ppl = perplexity(lm.model, lm.tokenizer, load_text(source, "eval"), window=window, add_bos=lm.info.add_bos,
                      max_tokens=max_tokens, progress=progress)
     rows = [{"kind": "quality", "data": source, **ppl, **base}]
