@@ -30,6 +30,15 @@ class LinearStepConfig(StepConfig):
     exclude: str | None = None
 
 
+def _with_parts(linears: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Expand composite layers (e.g. low-rank ``LowRankLinear``) into their inner linears."""
+    out: dict[str, nn.Module] = {}
+    for local, mod in linears.items():
+        parts = getattr(mod, "linear_parts", None)
+        out.update({f"{local}.{k}": m for k, m in parts().items()} if callable(parts) else {local: mod})
+    return out
+
+
 def select_linears(model: nn.Module, arch: Arch, cfg: LinearStepConfig, where: str) -> dict[str, nn.Linear]:
     """Plain ``nn.Linear`` modules of every block that match the config (already-converted layers are skipped)."""
     try:
@@ -39,7 +48,7 @@ def select_linears(model: nn.Module, arch: Arch, cfg: LinearStepConfig, where: s
         raise SlimlmError(f"{where}: invalid regex in targets/exclude ({err})", "fix the regular expression") from None
     chosen: dict[str, nn.Linear] = {}
     for i, block in enumerate(blocks(model, arch)):
-        for local, mod in block_linears(block, arch).items():
+        for local, mod in _with_parts(block_linears(block, arch)).items():
             name = f"{arch.blocks}.{i}.{local}"
             if type(mod) is nn.Linear and inc.search(name) and not (exc and exc.search(name)):
                 chosen[name] = mod
