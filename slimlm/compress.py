@@ -6,8 +6,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from slimlm.artifact import save_artifact, storage_round
+from slimlm.artifact import DTYPES, save_artifact, storage_round
 from slimlm.errors import SlimlmError
+from slimlm.layers.sparse import compact_sparse
 from slimlm.methods import METHODS, StepContext, StepReport
 from slimlm.models.load import LoadedModel, count_params, load, make_info
 from slimlm.recipe import Recipe
@@ -44,6 +45,7 @@ def compress(source: str | Path | LoadedModel, recipe: Recipe | str | Path, out:
     t0 = time.perf_counter()
     for step in recipe.steps:
         reports.append(METHODS.get(step.method).run(ctx, step.config))
+    compact_sparse(lm.model, DTYPES[recipe.storage_dtype])  # pruned layers → compact formats (layers/sparse.py)
     storage_round(lm.model, recipe.storage_dtype)
     recipe_yaml = recipe.to_yaml()
     info = make_info(lm.model, lm.tokenizer, lm.info.source, lm.info.source_kind, lm.info.source_hash, recipe_yaml)
