@@ -34,10 +34,16 @@ def run_metadata() -> dict[str, Any]:
 
 
 def append_rows(rows: Iterable[dict[str, Any]], path: str | Path | None = None) -> Path:
-    """Append ``rows`` as JSON lines (one ``write`` per row batch, so concurrent appends stay whole)."""
+    """Append ``rows`` as JSON lines (one ``write`` per row batch, so concurrent appends stay whole) and to the
+    results database (:mod:`slimlm.store`)."""
     target = Path(path) if path else default_results_path()
     target.parent.mkdir(parents=True, exist_ok=True)
+    rows = list(rows)
     payload = "".join(json.dumps(r, default=str) + "\n" for r in rows)
     with open(target, "a", encoding="utf-8") as f:
         f.write(payload)
+    from slimlm.store import ResultsStore
+
+    # The SQLite store beside the JSONL ($SLIMLM_RESULTS_DB wins) is what `slimlm results/report` read.
+    ResultsStore(None if os.environ.get("SLIMLM_RESULTS_DB") or not path else target.with_suffix(".db")).add_rows(rows)
     return target
