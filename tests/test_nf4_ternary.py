@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import slimlm
+from slimlm.methods.prune.layerdrop import drop_blocks
 from slimlm.errors import SlimlmError
 from slimlm.layers.nf4 import NF4Linear, dequantize_absmax, nf4_codebook
 from slimlm.layers.quant import QuantLinear
@@ -21,10 +21,8 @@ NF4_TABLE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174880981445
 
 
 def truncate(lm: slimlm.LoadedModel, n: int = 2) -> slimlm.LoadedModel:
-    lm.model.model.layers = nn.ModuleList(list(lm.model.model.layers)[:n])
-    lm.model.config.num_hidden_layers = n
-    if getattr(lm.model.config, "layer_types", None):
-        lm.model.config.layer_types = lm.model.config.layer_types[:n]
+    """Keep the first ``n`` decoder blocks of a private model copy (fast, still real weights)."""
+    drop_blocks(lm.model, lm.arch, set(range(n, lm.info.n_layers)))
     return lm
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import slimlm
+from slimlm.methods.prune.layerdrop import drop_blocks
 from slimlm.errors import SlimlmError
 from slimlm.layers.int8 import Int8Linear, int8_matmul, quantize_per_row, set_int8_kernel
 from slimlm.methods.quant.smoothquant import smooth_block, smooth_into_norm, smoothing_scales
@@ -16,10 +17,7 @@ CALIB = "calibration: {n_samples: 4, seqlen: 64, batch_size: 4}\n"
 
 def truncate(lm: slimlm.LoadedModel, n: int = 2) -> slimlm.LoadedModel:
     """Keep the first ``n`` decoder blocks of a private model copy (fast, still real weights)."""
-    lm.model.model.layers = nn.ModuleList(list(lm.model.model.layers)[:n])
-    lm.model.config.num_hidden_layers = n
-    if getattr(lm.model.config, "layer_types", None):
-        lm.model.config.layer_types = lm.model.config.layer_types[:n]
+    drop_blocks(lm.model, lm.arch, set(range(n, lm.info.n_layers)))
     return lm
 
 
