@@ -23,6 +23,7 @@ from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.layers import FORMATS
+from slimlm.models.arch import set_module
 from slimlm.models.load import MANIFEST, LoadedModel, make_info
 
 WEIGHTS = "model.safetensors"
@@ -54,7 +55,8 @@ def storage_round(model: nn.Module, storage_dtype: str) -> None:
     with torch.no_grad():
         for p in model.parameters():
             if p.is_floating_point() and p.dtype != dt:
-                p.copy_(p.to(dt).to(p.dtype))
+                for part in p.view(-1).split(1 << 20):  # in slices: no second copy of a large table
+                    part.copy_(part.to(dt).to(p.dtype))
 
 
 def _tensors_for_disk(model: nn.Module, storage_dtype: str) -> dict[str, torch.Tensor]:
@@ -146,11 +148,13 @@ def load_artifact(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel
         model = AutoModelForCausalLM.from_config(config)
     model = model.to(dtype)
     for name, entry in manifest["layers"].items():
-        from slimlm.models.arch import set_module
-
         set_module(model, name, FORMATS.get(entry["format"]).empty(entry["spec"]))
+    for mod in model.modules():  # formats that share another module's tensors (a tied quantized head)
+        if callable(getattr(mod, "bind", None)):
+            mod.bind(model)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if getattr(model.config, "tie_word_embeddings", False):
+    head = model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and getattr(head, "format", None) is None:
         model.tie_weights()
         tied = {k for k in missing if k.endswith("lm_head.weight")}
         missing = [k for k in missing if k not in tied]

@@ -9,6 +9,7 @@ from pathlib import Path
 from slimlm.artifact import DTYPES, save_artifact, storage_round
 from slimlm.errors import SlimlmError
 from slimlm.layers.sparse import compact_sparse
+from slimlm.memory import limit_heap_fragmentation
 from slimlm.methods import METHODS, StepContext, StepReport
 from slimlm.models.load import LoadedModel, count_params, load, make_info
 from slimlm.recipe import Recipe
@@ -35,6 +36,7 @@ def compress(source: str | Path | LoadedModel, recipe: Recipe | str | Path, out:
     The model is changed in place when a :class:`LoadedModel` is passed.
     """
     recipe = _as_recipe(recipe)
+    limit_heap_fragmentation()
     if out is not None and Path(out).exists() and not overwrite:
         raise SlimlmError(f"output folder {out} already exists", "choose another --out or pass --overwrite")
     lm = source if isinstance(source, LoadedModel) else load(source)

@@ -83,7 +83,11 @@ def apply_to_linears(
     calib_ids: torch.Tensor | None = None,
     batch_size: int = 4,
 ) -> StepReport:
-    """Replace each target by ``transform``'s result, calibrating block by block if ``kinds``."""
+    """Replace each target by ``transform``'s result, calibrating block by block if ``kinds``.
+
+    Consumes ``targets``: each entry is removed once its layer is replaced, so the original weights
+    are freed as the pass goes instead of living until the end (peak memory stays near one model).
+    """
     report = StepReport(method=method)
     t0 = time.perf_counter()
 
@@ -95,15 +99,15 @@ def apply_to_linears(
         report.layer_errors[name] = layer_error(w, new.weight.detach(), stats)
 
     if not kinds:
-        for name, mod in targets.items():
-            swap(name, mod, None, model, name)
+        for name in list(targets):
+            swap(name, targets.pop(name), None, model, name)
     else:
         if calib_ids is None:
             raise ValueError(f"{method} needs calibration data")
 
         def process(ctx: BlockContext) -> None:
             prefix = ctx.name + "."
-            local = {n.removeprefix(prefix): m for n, m in targets.items() if n.startswith(prefix)}
+            local = {n.removeprefix(prefix): targets.pop(n) for n in [n for n in targets if n.startswith(prefix)]}
             if not local:
                 return
             stats = ctx.collect(local, kinds)

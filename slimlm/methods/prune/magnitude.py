@@ -32,6 +32,7 @@ def run_magnitude(ctx: StepContext, cfg: MagnitudeConfig) -> StepReport:
         w.mul_(magnitude_mask(w, cfg.sparsity, cfg.n, cfg.m))  # stays a plain Linear with exact zeros
         return linear
 
+    names = list(targets)
     report = apply_to_linears(ctx.model, ctx.arch, targets, transform, method="magnitude")
-    mark_sparse(ctx.model, list(targets), cfg.pattern())
+    mark_sparse(ctx.model, names, cfg.pattern())
     return report

@@ -121,7 +121,8 @@ def run_sparsegpt(ctx: StepContext, cfg: SparseGPTConfig) -> StepReport:
         linear.weight.data.copy_(w.to(linear.weight.dtype))
         return linear
 
+    names = list(targets)
     report = apply_to_linears(ctx.model, ctx.arch, targets, transform, method="sparsegpt", kinds=frozenset({"hessian"}),
                               calib_ids=ctx.calib_ids(), batch_size=ctx.calibration.batch_size)
-    mark_sparse(ctx.model, list(targets), cfg.pattern())
+    mark_sparse(ctx.model, names, cfg.pattern())
     return report

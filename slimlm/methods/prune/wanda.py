@@ -36,7 +36,8 @@ def run_wanda(ctx: StepContext, cfg: WandaConfig) -> StepReport:
         w.mul_(wanda_mask(w, stats.sq, cfg.sparsity, cfg.n, cfg.m))
         return linear
 
+    names = list(targets)
     report = apply_to_linears(ctx.model, ctx.arch, targets, transform, method="wanda", kinds=frozenset({"sq"}),
                               calib_ids=ctx.calib_ids(), batch_size=ctx.calibration.batch_size)
-    mark_sparse(ctx.model, list(targets), cfg.pattern())
+    mark_sparse(ctx.model, names, cfg.pattern())
     return report

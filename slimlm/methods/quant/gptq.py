@@ -195,7 +195,7 @@ def run_gptq(ctx: StepContext, cfg: GPTQConfig) -> StepReport:
         require_finite_stats(name, stats, "gptq")
         assert stats is not None and stats.hessian is not None
         group = siblings.get(name, [name])
-        mods = [targets[n] for n in group]
+        mods = [ctx.model.get_submodule(n) for n in group]  # not yet swapped: their turn comes later
         g = resolve_group_size(cfg.group_size, linear.in_features, name, "gptq")
         qw = gptq_quantize(torch.cat([m.weight for m in mods]), stats.hessian, bits=cfg.bits, group_size=g,
                            symmetric=cfg.symmetric, damp=cfg.damp, block_size=cfg.block_size,

@@ -91,7 +91,7 @@ def run_nf4(ctx: StepContext, cfg: NF4Config) -> StepReport:
         bits.append(layer.bits_per_weight())
         return layer
 
-    report = apply_to_linears(ctx.model, ctx.arch, targets, transform, method="nf4")
     n = [t.weight.numel() for t in targets.values()]
+    report = apply_to_linears(ctx.model, ctx.arch, targets, transform, method="nf4")
     report.extra["bits_per_weight"] = sum(b * k for b, k in zip(bits, n)) / max(math.fsum(n), 1)
     return report
