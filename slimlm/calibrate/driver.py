@@ -79,9 +79,10 @@ class BlockContext:
     def forward(self) -> list[torch.Tensor]:
         return [self.block(x, **kw) for x, kw in zip(self.inputs, self.kwargs)]
 
-    def collect(self, modules: dict[str, nn.Module], kinds: set[str] | frozenset[str]) -> dict[str, LinearStats]:
+    def collect(self, modules: dict[str, nn.Module], kinds: set[str] | frozenset[str],
+                same_input: list[tuple[str, ...]] | tuple = ()) -> dict[str, LinearStats]:
         """Run the block once with hooks on ``modules``; keeps the outputs as the reference."""
-        stats, outs = collect_linear_stats(modules, kinds, self.forward)
+        stats, outs = collect_linear_stats(modules, kinds, self.forward, same_input)
         if self.fp_outputs is None:
             self.fp_outputs = outs  # type: ignore[assignment]
         return stats

@@ -45,17 +45,28 @@ class LinearStats:
 
 
 def collect_linear_stats(
-    modules: dict[str, nn.Module], kinds: Iterable[str], run: Callable[[], object]
+    modules: dict[str, nn.Module], kinds: Iterable[str], run: Callable[[], object],
+    same_input: Iterable[tuple[str, ...]] = (),
 ) -> tuple[dict[str, LinearStats], object]:
-    """Hook ``modules``, call ``run()`` (a block forward), return their stats and ``run``'s result."""
+    """Hook ``modules``, call ``run()`` (a block forward), return their stats and ``run``'s result.
+
+    Modules of one ``same_input`` group (e.g. q/k/v) read the same tensor: only the first present is
+    hooked and the others share its statistics (the Hessian is the costliest statistic to accumulate).
+    """
     wanted = frozenset(kinds)
     unknown = wanted - KINDS
     if unknown:
         raise ValueError(f"unknown statistic kinds {sorted(unknown)}; known: {sorted(KINDS)}")
     stats = {name: LinearStats(kinds=wanted) for name in modules}
+    hooked = dict(modules)
+    for group in same_input:
+        present = [name for name in group if name in modules]
+        for name in present[1:]:
+            stats[name] = stats[present[0]]
+            hooked.pop(name)
     handles = [
         mod.register_forward_hook(lambda _m, inp, _out, s=stats[name]: s.add(inp[0]))
-        for name, mod in modules.items()
+        for name, mod in hooked.items()
     ]
     try:
         result = run()

@@ -18,7 +18,7 @@ from slimlm.calibrate import BlockContext, LinearStats, run_sequential
 from slimlm.config import StepConfig
 from slimlm.errors import SlimlmError
 from slimlm.methods import StepReport
-from slimlm.models.arch import Arch, block_linears, blocks, set_module
+from slimlm.models.arch import Arch, block_linears, blocks, input_groups, set_module
 
 Transform = Callable[[str, nn.Linear, LinearStats | None], nn.Module]
 
@@ -110,7 +110,7 @@ def apply_to_linears(
             local = {n.removeprefix(prefix): targets.pop(n) for n in [n for n in targets if n.startswith(prefix)]}
             if not local:
                 return
-            stats = ctx.collect(local, kinds)
+            stats = ctx.collect(local, kinds, input_groups(arch))
             for path, mod in local.items():
                 swap(prefix + path, mod, stats[path], ctx.block, path)
 

@@ -63,6 +63,17 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+def input_groups(arch: Arch) -> list[tuple[str, ...]]:
+    """Block-relative paths of linears that read the very same input tensor (q/k/v; gate/up).
+
+    One input statistic (or one stacked GPTQ solve) serves a whole group.
+    """
+    groups = [(arch.attn_path(arch.q), arch.attn_path(arch.k), arch.attn_path(arch.v))]
+    if arch.gate:
+        groups.append(tuple(f"{arch.mlp}.{n}" if arch.mlp else n for n in (arch.gate, arch.up)))
+    return groups
+
+
 def arch_for(model_type: str) -> Arch:
     """The table row for ``model_type``, or a clear error listing what is supported."""
     if model_type not in ARCHS:

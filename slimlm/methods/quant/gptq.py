@@ -26,7 +26,7 @@ from slimlm.methods import StepContext, StepReport, register_method
 from slimlm.methods.linear import apply_to_linears, select_linears
 from slimlm.methods.quant.grid import fit_grid, n_groups
 from slimlm.methods.quant.rtn import WeightQuantConfig, check_group_sizes, resolve_group_size
-from slimlm.models.arch import Arch
+from slimlm.models.arch import Arch, input_groups
 
 ZERO_ROW_FRACTION = 0.10  # a row with at least this share of exact zeros is treated as pruned
 
@@ -167,12 +167,9 @@ def gptq_quantize(
 
 def input_siblings(arch: Arch, targets: dict[str, nn.Module]) -> dict[str, list[str]]:
     """Targets that read the same input (q/k/v; gate/up): one stacked solve serves them all."""
-    shared = [(arch.attn_path(arch.q), arch.attn_path(arch.k), arch.attn_path(arch.v))]
-    if arch.gate:
-        shared.append(tuple(f"{arch.mlp}.{n}" if arch.mlp else n for n in (arch.gate, arch.up)))
     out: dict[str, list[str]] = {}
     for name in targets:
-        for leaves in shared:
+        for leaves in input_groups(arch):
             leaf = next((leaf for leaf in leaves if name.endswith("." + leaf)), None)
             if leaf is not None:
                 prefix = name[: -len(leaf)]
