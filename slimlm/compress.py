@@ -9,7 +9,7 @@ from pathlib import Path
 from slimlm.artifact import DTYPES, save_artifact, storage_round
 from slimlm.errors import SlimlmError
 from slimlm.layers.sparse import compact_sparse
-from slimlm.memory import limit_heap_fragmentation
+from slimlm.memory import compact_heap
 from slimlm.methods import METHODS, StepContext, StepReport
 from slimlm.models.load import LoadedModel, count_params, load, make_info
 from slimlm.recipe import Recipe
@@ -36,7 +36,6 @@ def compress(source: str | Path | LoadedModel, recipe: Recipe | str | Path, out:
     The model is changed in place when a :class:`LoadedModel` is passed.
     """
     recipe = _as_recipe(recipe)
-    limit_heap_fragmentation()
     if out is not None and Path(out).exists() and not overwrite:
         raise SlimlmError(f"output folder {out} already exists", "choose another --out or pass --overwrite")
     lm = source if isinstance(source, LoadedModel) else load(source)
@@ -45,10 +44,11 @@ def compress(source: str | Path | LoadedModel, recipe: Recipe | str | Path, out:
     ctx = StepContext(lm.model, lm.arch, lm.tokenizer, recipe.calibration, lm.info.source, bos_id=bos)
     reports = []
     t0 = time.perf_counter()
-    for step in recipe.steps:
-        reports.append(METHODS.get(step.method).run(ctx, step.config))
-    compact_sparse(lm.model, DTYPES[recipe.storage_dtype])  # pruned layers → compact formats (layers/sparse.py)
-    storage_round(lm.model, recipe.storage_dtype)
+    with compact_heap():  # freed layer-sized temporaries go back to the OS (slimlm/memory.py)
+        for step in recipe.steps:
+            reports.append(METHODS.get(step.method).run(ctx, step.config))
+        compact_sparse(lm.model, DTYPES[recipe.storage_dtype])  # pruned layers → compact formats (layers/sparse.py)
+        storage_round(lm.model, recipe.storage_dtype)
     recipe_yaml = recipe.to_yaml()
     info = make_info(lm.model, lm.tokenizer, lm.info.source, lm.info.source_kind, lm.info.source_hash, recipe_yaml)
     result_lm = LoadedModel(lm.model, lm.tokenizer, info)

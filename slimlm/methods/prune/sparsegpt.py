@@ -25,6 +25,7 @@ from slimlm.layers.quant import QuantizedWeight, QuantLinear
 from slimlm.methods import StepContext, StepReport, register_method
 from slimlm.methods.linear import apply_to_linears, select_linears
 from slimlm.methods.prune.masks import PruneConfig, check_nm, mark_sparse
+from slimlm.methods.quant.gptq import inverse_hessian_factor
 from slimlm.methods.quant.grid import fit_grid, quantize_to_grid
 from slimlm.methods.quant.rtn import check_group_sizes, resolve_group_size
 
@@ -44,9 +45,7 @@ def _inverse_hessian_chol(h: torch.Tensor, damp: float) -> torch.Tensor:
     h = h.clone().float()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
-    h_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(h_inv, upper=True)
+    return inverse_hessian_factor(h, damp)
 
 
 def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, *, sparsity: float | None = None, n: int | None = None,
