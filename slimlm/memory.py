@@ -2,10 +2,10 @@
 
 glibc raises its mmap threshold every time a large block is freed, after which the many
 layer-sized temporaries of a compression pass (codes, unpacked planes, dequantized copies) are
-carved from the heap and fragment it instead of being returned. Measured on SmolLM2-135M RTN-4:
-peak RSS 0.95–2.8 GB from run to run with glibc's default, 0.95–1.1 GB with a fixed 1 MiB threshold.
-A low threshold makes every large temporary a fresh mmap (page faults, high system time), which
-costs inference 3–10× in decode speed, so it only holds while compressing.
+carved from the heap and fragment it instead of being returned (SmolLM2-135M RTN-4 in
+benchmarks/quant.py: peak RSS 3,117 MiB before, 1,049 MiB with a 1 MiB threshold). A low threshold
+makes every large temporary a fresh mmap (page faults, system time), which cost decoding 3–6× in
+benchmarks/cost.py, so it only holds while compressing.
 """
 
 from __future__ import annotations
