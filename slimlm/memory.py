@@ -6,6 +6,11 @@ carved from the heap and fragment it instead of being returned (SmolLM2-135M RTN
 benchmarks/quant.py: peak RSS 3,117 MiB before, 1,049 MiB with a 1 MiB threshold). A low threshold
 makes every large temporary a fresh mmap (page faults, system time), which cost decoding 3–6× in
 benchmarks/cost.py, so it only holds while compressing.
+
+Weights loaded from safetensors are views into a private memory map of the file: every page a pass
+touches stays in the process's RSS until the whole file is unmapped, even after the layer that read
+it has been replaced. :func:`drop_file_pages` hands a replaced weight's pages back to the page cache,
+so a compressed layer stops costing its fp32 bytes as soon as it is done.
 """
 
 from __future__ import annotations
@@ -16,8 +21,12 @@ import functools
 from contextlib import contextmanager
 from typing import Iterator
 
+import torch
+from torch import nn
+
 M_TRIM_THRESHOLD = -1  # glibc mallopt() parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
+MADV_DONTNEED = 4  # Linux madvise(2): drop the pages; a file-backed page reads back from the file
 COMPACT = (1 << 20, 1 << 20)  # (mmap, trim) thresholds while compressing
 FAST = (32 << 20, 64 << 20)  # afterwards: where glibc's dynamic thresholds end up on a long run
 
@@ -51,3 +60,43 @@ def compact_heap() -> Iterator[None]:
         libc = _glibc()
         if libc is not None:
             libc.malloc_trim(0)
+
+
+def _in_file_mapping(start: int, end: int) -> bool:
+    """Whether [start, end) lies inside one mapping of a regular file (``/proc/self/maps``, Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= start and end <= hi:
+                    path = fields[5].strip() if len(fields) == 6 else ""
+                    return fields[4] != "0" and path.startswith("/") and not path.startswith("/dev/")
+    except OSError:
+        return False
+    return False
+
+
+def drop_file_pages(t: torch.Tensor, live: nn.Module) -> int:
+    """Give the memory-mapped pages of a discarded weight back to the page cache; returns the bytes.
+
+    Only whole pages of ``t``'s own storage are dropped, only inside a file mapping, and only when no
+    tensor of ``live`` (the model it was removed from) overlaps them; ``t`` must not be read again.
+    A no-op off Linux/glibc, for device tensors and for weights that live in ordinary memory.
+    """
+    libc = _glibc()
+    if libc is None or t.device.type != "cpu":
+        return 0
+    storage = t.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    page = 4096
+    lo, hi = -(-start // page) * page, end // page * page
+    if hi <= lo or not _in_file_mapping(start, end):
+        return 0
+    for other in list(live.parameters()) + list(live.buffers()):
+        s = other.untyped_storage()
+        if other.device.type == "cpu" and s.data_ptr() < end and start < s.data_ptr() + s.nbytes():
+            return 0
+    if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED) != 0:
+        return 0
+    return hi - lo

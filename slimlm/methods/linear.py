@@ -17,6 +17,7 @@ from torch import nn
 from slimlm.calibrate import BlockContext, LinearStats, run_sequential
 from slimlm.config import StepConfig
 from slimlm.errors import SlimlmError
+from slimlm.memory import drop_file_pages
 from slimlm.methods import StepReport
 from slimlm.models.arch import Arch, block_linears, blocks, input_groups, set_module
 
@@ -96,6 +97,7 @@ def apply_to_linears(
         new = transform(name, mod, stats)
         if new is not mod:
             set_module(root, path, new)
+            drop_file_pages(mod.weight, model)  # the replaced fp weight leaves RSS now, not at exit
         report.layer_errors[name] = layer_error(w, new.weight.detach(), stats)
 
     if not kinds:

@@ -20,6 +20,7 @@ from torch import nn
 from slimlm.calibrate import BlockContext, run_sequential
 from slimlm.config import StepConfig
 from slimlm.errors import SlimlmError
+from slimlm.memory import drop_file_pages
 from slimlm.methods import StepContext, StepReport, register_method
 from slimlm.models.arch import Arch, blocks, set_module
 
@@ -71,6 +72,9 @@ def drop_blocks(model: nn.Module, arch: Arch, drop: set[int]) -> list[int]:
     old = blocks(model, arch)
     keep = [i for i in range(len(old)) if i not in drop]
     set_module(model, arch.blocks, nn.ModuleList([old[i] for i in keep]))
+    for i in drop:
+        for p in old[i].parameters():
+            drop_file_pages(p, model)
     for new_idx, old_idx in enumerate(keep):
         for mod in old[old_idx].modules():  # attention's layer_idx indexes the KV cache
             if hasattr(mod, "layer_idx"):

@@ -26,6 +26,7 @@ from torch import nn
 
 from slimlm.calibrate import BlockContext, run_sequential
 from slimlm.layers.quant import QuantizedWeight, QuantLinear, dequantize
+from slimlm.memory import drop_file_pages
 from slimlm.methods import StepContext, StepReport, register_method
 from slimlm.methods.linear import select_linears
 from slimlm.methods.quant.gptq import require_finite_stats, require_finite_weights
@@ -216,6 +217,7 @@ def run_awq(ctx: StepContext, cfg: AWQConfig) -> StepReport:
             qw = QuantizedWeight(quantize_to_grid(w, scale, zero, cfg.bits, g), scale, zero, cfg.bits, g)
             set_module(bctx.block, p, QuantLinear.from_quantized(qw, mod.bias))
             report.layer_errors[prefix + p] = _quad(qw.dequantize() - w, h, None) / max(_quad(w, h, None), 1e-30)
+            drop_file_pages(mod.weight, model)  # after the last read of w, which may share its pages
 
     t0 = time.perf_counter()
     report.block_errors = run_sequential(model, arch, ids, process, batch_size=ctx.calibration.batch_size, desc="awq")

@@ -28,6 +28,7 @@ from torch import nn
 from slimlm.calibrate import BlockContext, run_sequential
 from slimlm.errors import SlimlmError
 from slimlm.layers.int8 import Int8Linear
+from slimlm.memory import drop_file_pages
 from slimlm.methods import StepContext, StepReport, register_method
 from slimlm.methods.linear import LinearStepConfig, layer_error, select_linears
 from slimlm.models.arch import Arch, set_module
@@ -140,6 +141,7 @@ def run_smoothquant(ctx: StepContext, cfg: SmoothQuantConfig) -> StepReport:
             new = Int8Linear.from_linear(lin.weight, lin.bias)
             report.layer_errors[prefix + path] = layer_error(lin.weight.detach(), new.weight, None)
             set_module(bctx.block, path, new)
+            drop_file_pages(lin.weight, model)
 
     report.block_errors = run_sequential(model, arch, ctx.calib_ids(), process, batch_size=ctx.calibration.batch_size, desc="smoothquant")
     report.seconds = time.perf_counter() - t0
