@@ -3,8 +3,8 @@
 For the untrained student, N steps of plain LM fine-tuning and N steps of each KD loss it reports
 held-out perplexity, the share of the teacher–student perplexity gap recovered
 ``(ppl_student − ppl_after) / (ppl_student − ppl_teacher)``, tokens processed and wall time.
-With ``--wanda`` it also compares LoRA with full fine-tuning (both distilled from the dense
-teacher, sparsity mask re-applied after every full-FT step) after 50% Wanda pruning.
+With ``--wanda`` it also compares LoRA with full fine-tuning after 50% Wanda pruning, both run as the
+recipe ``wanda → distill`` (FKL from the dense model; pruned weights stay zero in both).
 
 Short run (minutes):  .venv/bin/python benchmarks/distill.py --steps 8 --seq-len 128 --batch-size 2
 Full run (issue target, ~30 min on 2 idle cores):
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 import slimlm
 from slimlm.data import load_text
@@ -63,7 +64,7 @@ def main() -> None:
     del probe
     rows = [{"run": "teacher", "ppl": p_teacher}, {"run": "student (50% blocks dropped, untrained)", "ppl": p_student}]
     print(f"eval: {source}, first {args.eval_tokens} tokens, 512-token windows; teacher {p_teacher:.2f}, student {p_student:.2f}")
-    for loss in args.losses.split(","):
+    for loss in filter(None, args.losses.split(",")):  # --losses "" with --wanda: only the Wanda rows
         student = slimlm.load("default")
         drop_blocks(student.model, student.arch, dropped)
         cfg = DistillConfig(loss=loss, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
@@ -85,33 +86,38 @@ def main() -> None:
         print(f"| {r['run']} | {r['ppl']:.2f} | {g} | {r.get('tokens', '-')} | {r.get('wall_s', 0):.0f} |")
 
 
+def block_density(model: torch.nn.Module) -> float:
+    """Share of the block linears' weights that are stored non-zero (compact sparse layers count their nnz)."""
+    kept = total = 0
+    for name, mod in model.named_modules():
+        if ".layers." not in name:
+            continue
+        if hasattr(mod, "nnz"):
+            kept, total = kept + mod.nnz, total + mod.in_features * mod.out_features
+        elif type(mod) is torch.nn.Linear:
+            kept, total = kept + int(mod.weight.count_nonzero()), total + mod.weight.numel()
+    return kept / max(total, 1)
+
+
 def wanda_rows(args: argparse.Namespace, teacher: slimlm.LoadedModel, text: str, p_teacher: float) -> list[dict]:
-    from slimlm.distill.lora import add_lora
-
-    rows = []
-    recipe = CALIB + "steps:\n  - wanda: {sparsity: 0.5}\n"
-    pruned = slimlm.compress(slimlm.load("default"), recipe).model
+    """LoRA vs full fine-tuning after 50% Wanda, both as the recipe ``wanda → distill`` (FKL from the dense
+    model, which the step loads as its teacher): the product path, sparsity held by the trainer."""
+    pruned = slimlm.compress(slimlm.load("default"), CALIB + "steps:\n  - wanda: {sparsity: 0.5}\n").model
     p_pruned = ppl(pruned, pruned.model, text, args.eval_tokens)
-    rows.append({"run": "50% Wanda, untrained", "ppl": p_pruned})
+    rows = [{"run": "50% Wanda, untrained", "ppl": p_pruned, "density": block_density(pruned.model)}]
+    del pruned
     for kind in ("full", "lora"):
-        lm = slimlm.compress(slimlm.load("default"), recipe).model
-        masks = {n: (m.weight != 0) for n, m in lm.model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
-        model = add_lora(lm.model, lm.arch, r=args.lora_r) if kind == "lora" else lm.model
-
-        def keep_sparse(step: int, loss: float) -> None:  # full FT must not refill pruned weights
-            with torch.no_grad():
-                for n, m in lm.model.named_modules():
-                    if n in masks:
-                        m.weight.mul_(masks[n])
-
-        cfg = DistillConfig(loss="fkl", steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                            lr=args.lr * (4 if kind == "lora" else 1), progress=False)
-        t0 = time.perf_counter()
-        res = train(model, teacher.model, lm.tokenizer, cfg, data=args.train_data, on_step=keep_sparse if kind == "full" else None)
-        p = ppl(lm, model, text, args.eval_tokens)
+        distill = {"loss": "fkl", "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                   "lr": args.lr * (4 if kind == "lora" else 1), "schedule": "cosine",
+                   "warmup_steps": max(1, args.steps // 10), "data": args.train_data,
+                   **({"lora_r": args.lora_r} if kind == "lora" else {})}
+        steps = [{"wanda": {"sparsity": 0.5}}, {"distill": distill}]
+        res = slimlm.compress(slimlm.load("default"), CALIB + yaml.safe_dump({"steps": steps}))
+        rep = res.reports[-1].extra
+        p = ppl(res.model, res.model.model, text, args.eval_tokens)
         rows.append({"run": f"50% Wanda + {kind} FT (fkl KD) × {args.steps} steps", "ppl": p,
-                     "gap_recovered": gap(p_pruned, p, p_teacher), "tokens": res.tokens, "wall_s": time.perf_counter() - t0,
-                     "trainable_params": sum(q.numel() for q in model.parameters() if q.requires_grad)})
+                     "gap_recovered": gap(p_pruned, p, p_teacher), "tokens": rep["tokens"], "wall_s": rep["train_seconds"],
+                     "density": block_density(res.model.model)})
         print(json.dumps(rows[-1]))
     return rows
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import slimlm
 from slimlm.cli import main
@@ -38,3 +39,20 @@ def test_cli_student_recipe_lora_writes_artifact_and_adapters(tmp_path, capsys) 
     assert (tmp_path / "student.ckpt").is_dir()
     lm = slimlm.load(out)
     assert lm.info.n_layers == 2 and "distilled from default" in (lm.info.recipe or "")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", ["", ", lora_r: 4"])
+def test_recovery_after_pruning_keeps_the_pruned_weights_zero(fresh_default, lora) -> None:
+    """Full fine-tuning and merged LoRA both update the kept weights only: the layer still stores compactly."""
+    recipe = (f"calibration: {TINY}\nsteps:\n  - layer_drop: {{n: 28}}\n"
+              "  - wanda: {sparsity: 0.5, targets: 'layers\\.0\\.mlp'}\n"
+              f"  - distill: {{loss: fkl, steps: 2, batch_size: 1, seq_len: 32, lr: 0.01{lora}}}\n")
+    pruned = slimlm.compress(slimlm.load("default"), recipe.rsplit("  - distill", 1)[0]).model.model
+    res = slimlm.compress(fresh_default, recipe)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        before = pruned.get_submodule(f"model.layers.0.mlp.{name}")
+        after = res.model.model.get_submodule(f"model.layers.0.mlp.{name}")
+        assert after.format == "sparse_linear" and after.nnz == before.nnz == after.in_features * after.out_features // 2
+        assert torch.equal(after.mask, before.mask)  # same kept positions
+        assert not torch.equal(after.values, before.values)  # which did train

@@ -20,6 +20,7 @@ from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.layers.quant import QuantLinear
+from slimlm.methods.prune.masks import pruned_zeros, restore_zeros
 from slimlm.models.arch import Arch, set_module
 
 
@@ -104,7 +105,9 @@ def merge_lora(peft_model: nn.Module, requantize: bool = True) -> nn.Module:
     """Fold every adapter into its base weight and return the plain model (peft wrappers removed).
 
     A packed base becomes a re-rounded :class:`QuantLinear` (``requantize``) or a dense ``nn.Linear``.
+    Weights a pruning step zeroed stay zero: the dense adapter delta is masked to the kept weights.
     """
+    zeros = pruned_zeros(peft_model.get_base_model())
     for name, mod in list(peft_model.named_modules()):
         if not isinstance(mod, QuantLoraLinear):
             continue
@@ -121,5 +124,7 @@ def merge_lora(peft_model: nn.Module, requantize: bool = True) -> nn.Module:
             if base.bias is not None:
                 new.bias.copy_(base.bias)
         set_module(peft_model, name, new)
-    return peft_model.merge_and_unload()
+    merged = peft_model.merge_and_unload()
+    restore_zeros(zeros)
+    return merged
 

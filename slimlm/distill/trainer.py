@@ -40,6 +40,7 @@ from slimlm.config import StrictConfig
 from slimlm.distill.data import TopKCache, dense_from_topk, pair_batch, read_pairs, tensor_digest, text_windows, topk_log_probs
 from slimlm.distill.losses import LOSS_NAMES, check_loss, divergence, hidden_mse, lm_loss, teacher_log_probs, uniform_layer_map
 from slimlm.errors import SlimlmError
+from slimlm.methods.prune.masks import pruned_zeros, restore_zeros
 
 
 class DistillConfig(StrictConfig):
@@ -295,6 +296,8 @@ def train(student: nn.Module, teacher: nn.Module | None, tokenizer: Any, cfg: Di
     if teacher is not None:
         teacher.eval()  # every teacher forward runs under no_grad; its parameters are left untouched
     student = _set_trainable(student, cfg, arch)
+    base = student.get_base_model() if hasattr(student, "get_base_model") else student  # under peft's wrapper
+    zeros = {w: m for w, m in pruned_zeros(base).items() if w.requires_grad}  # pruned weights stay pruned
     if cfg.grad_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
@@ -310,7 +313,6 @@ def train(student: nn.Module, teacher: nn.Module | None, tokenizer: Any, cfg: Di
     if cfg.topk and cache is None:
         raise SlimlmError("the top-k teacher cache needs an output folder and off_policy mode", "pass --out DIR, or set topk: 0")
     on_policy = OnPolicy(cfg) if cfg.mode == "on_policy" else None
-    base = student.get_base_model() if hasattr(student, "get_base_model") else student  # under peft's wrapper
     n_student = len(base.get_submodule(arch.blocks))
     layer_map = uniform_layer_map(n_student, len(teacher.get_submodule(arch.blocks))) if cfg.hidden_weight and teacher is not None else None
     use_bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -360,6 +362,7 @@ def train(student: nn.Module, teacher: nn.Module | None, tokenizer: Any, cfg: Di
             torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        restore_zeros(zeros)
         result.losses.append((step + 1, total))
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{result.tokens / (time.perf_counter() - t0):.0f}")

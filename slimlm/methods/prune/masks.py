@@ -92,3 +92,28 @@ def mark_sparse(model: nn.Module, names: list[str], pattern: str) -> None:
     marks.update({n: pattern for n in names})
     setattr(model, SPARSE_ATTR, marks)
 
+
+def pruned_zeros(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
+    """Weight → (out, in) mask of its exact zeros, for every dense layer a pruning step marked.
+
+    Training after pruning (recovery, distillation, merged LoRA) must put these zeros back after
+    each update, or the sparsity — and the compact storage it buys at the end — is silently lost.
+    Layers under a peft adapter are read through their ``base_layer``.
+    """
+    zeros: dict[nn.Parameter, torch.Tensor] = {}
+    for name in getattr(model, SPARSE_ATTR, {}):
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:  # removed by a later step (e.g. layer drop)
+            continue
+        mod = getattr(mod, "base_layer", mod)
+        if isinstance(mod, nn.Linear):
+            zeros[mod.weight] = mod.weight.detach() == 0
+    return zeros
+
+
+@torch.no_grad()
+def restore_zeros(zeros: dict[nn.Parameter, torch.Tensor]) -> None:
+    """Set the recorded zeros of :func:`pruned_zeros` back to zero, in place."""
+    for weight, mask in zeros.items():
+        weight.masked_fill_(mask, 0)
