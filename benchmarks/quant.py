@@ -1,5 +1,5 @@
 """Quantization side by side: fp reference, RTN, GPTQ, AWQ (4-bit and 3-bit, g128) and every other
-registered quantizer, on SmolLM2-135M (and Gemma-3-270M with ``--gemma``).
+registered quantizer, on SmolLM2-135M and/or Gemma-3-270M (``--models``).
 
 Each quantization runs in its own subprocess so its wall time, CPU time and peak RSS (``ru_maxrss``,
 model load included) are measured honestly; the same subprocess then scores WikiText-2 test
@@ -7,7 +7,7 @@ perplexity (first ``--max-tokens`` tokens, ``--window``-token non-overlapping wi
 where the model wants it) on the quantized model, which is bit-identical to its saved artifact.
 
     python benchmarks/quant.py                       # SmolLM2, writes benchmarks/results/quant.json
-    python benchmarks/quant.py --gemma --max-tokens 8192
+    python benchmarks/quant.py --models default,gemma3-270m --max-tokens 8192
     python benchmarks/quant.py --only rtn4,gptq4     # a subset of rows
 """
 
@@ -34,6 +34,7 @@ def configs(bits_list: list[int], group_size: int, symmetric: bool, others: list
         opts = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
         for method in ("rtn", "gptq", "awq"):
             rows[f"{method}{bits}"] = [{method: dict(opts)}]
+        rows[f"gptq{bits}-act"] = [{"gptq": {**opts, "act_order": True}}]  # columns by decreasing diag(H)
         # the same, with the embedding table (tied head) in 8-bit codes instead of fp16
         rows[f"gptq{bits}+emb8"] = [{"gptq": dict(opts)}, {"embedding": {"bits": 8, "group_size": group_size}}]
     for name in others:
@@ -159,7 +160,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gemma", action="store_true", help="also run Gemma-3-270M (needs its packages)")
+    p.add_argument("--models", default="default", help="comma-separated: default (SmolLM2-135M), gemma3-270m (needs its packages)")
     p.add_argument("--methods", default=None, help=f"other registered quantizers to add (default: those of {OTHER_QUANT} registered)")
     p.add_argument("--only", default=None, help="comma-separated row names to run (fp is always run)")
     p.add_argument("--bits", default="4,3", help="bit widths for rtn/gptq/awq")
@@ -190,7 +191,7 @@ def main() -> None:
     if args.only:
         keep = {"fp", *args.only.split(",")}
         rows_cfg = {k: v for k, v in rows_cfg.items() if k in keep}
-    models = ["default"] + (["gemma3-270m"] if args.gemma else [])
+    models = args.models.split(",")
     result: dict[str, Any] = {"meta": {**run_metadata(), "data": "wikitext2 test", "window": args.window,
                                        "max_tokens": args.max_tokens, "group_size": args.group_size,
                                        "symmetric": args.symmetric,

@@ -33,7 +33,8 @@ def compress(source: str | Path | LoadedModel, recipe: Recipe | str | Path, out:
              *, overwrite: bool = False) -> CompressResult:
     """Compress ``source`` with ``recipe`` (object, YAML text or path); save to ``out`` if given.
 
-    The model is changed in place when a :class:`LoadedModel` is passed.
+    The model is changed in place when a :class:`LoadedModel` is passed; after an error it may be
+    partly converted (weights are checked layer by layer as the pass reaches them), so reload it.
     """
     recipe = _as_recipe(recipe)
     if out is not None and Path(out).exists() and not overwrite:

@@ -20,8 +20,8 @@ from slimlm.calibrate import capture_block_inputs, collect_linear_stats
 from slimlm.config import CalibrationConfig
 from slimlm.data import calibration_ids
 from slimlm.errors import SlimlmError
-from slimlm.methods.linear import LinearStepConfig, select_linears
-from slimlm.methods.quant.gptq import gptq_quantize, require_finite_weights
+from slimlm.methods.linear import LinearStepConfig, require_finite_weights, select_linears
+from slimlm.methods.quant.gptq import gptq_quantize
 from slimlm.methods.quant.grid import round_to_nearest
 from slimlm.methods.quant.rtn import check_group_sizes, resolve_group_size
 from slimlm.models.arch import blocks, get_module

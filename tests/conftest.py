@@ -6,7 +6,6 @@ load their own copy; read-only tests share one session-wide instance.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -19,8 +19,9 @@ from slimlm.methods.quant.embedding import quantize_table
 @pytest.mark.parametrize("bits", [4, 8])
 def test_lookup_and_head_match_dequantized_table(bits: int) -> None:
     w = torch.randn(300, 64, generator=torch.Generator().manual_seed(0))
-    table = quantize_table(w, bits, 32, False, None)
+    table, error = quantize_table(w, bits, 32, False, None)
     dense = table.weight  # (300, 64) dequantized
+    assert error == pytest.approx(float((dense - w).pow(2).sum() / w.pow(2).sum()), rel=1e-4)
     step = table.scales.float()[..., None]  # (300, 2, 1): one grid step per group
     err = (dense - w).abs().view(300, 2, 32) / step
     # RTN: half a step inside the grid; the integer zero point may clip a group's extreme by < one step
@@ -35,10 +36,22 @@ def test_lookup_and_head_match_dequantized_table(bits: int) -> None:
     assert list(head.state_dict()) == []  # codes are stored once, in the embedding
 
 
+def test_table_rounded_in_row_slices_equals_whole(monkeypatch) -> None:
+    """Large tables are rounded a slice of rows at a time; the codes must not depend on the slicing."""
+    import slimlm.methods.quant.embedding as embedding
+
+    w = torch.randn(50, 32, generator=torch.Generator().manual_seed(1))
+    whole, err_whole = quantize_table(w, 4, 16, False, None)
+    monkeypatch.setattr(embedding, "ROWS", 7)  # 50 rows = 7 slices, the last one partial
+    sliced, err_sliced = quantize_table(w, 4, 16, False, None)
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), sliced.state_dict().values()))
+    assert err_sliced == pytest.approx(err_whole)
+
+
 def test_embed_scale_is_kept() -> None:
     w = torch.randn(10, 16)
-    plain = quantize_table(w, 8, 16, False, None)
-    scaled = quantize_table(w, 8, 16, False, 4.0)
+    plain, _ = quantize_table(w, 8, 16, False, None)
+    scaled, _ = quantize_table(w, 8, 16, False, 4.0)
     ids = torch.arange(10)
     assert torch.allclose(scaled(ids), 4.0 * plain(ids))
 

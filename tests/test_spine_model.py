@@ -46,6 +46,12 @@ def test_default_model_info(default_lm) -> None:
     assert 134_000_000 < info.n_params < 135_000_000
 
 
+def test_gguf_is_cached_as_a_plain_fp32_checkpoint(default_lm) -> None:
+    """Other tools (llama.cpp's converter, vLLM) read the cached folder: it must not claim GGUF quantization."""
+    cfg = json.loads((Path(default_lm.info.weights_dir) / "config.json").read_text())
+    assert cfg["dtype"] == "float32" and "quantization_config" not in cfg
+
+
 def test_driver_reproduces_the_models_own_hidden_states(default_lm) -> None:
     """With no change to any block, the driver's block outputs equal the model's hidden states."""
     ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(0))

@@ -61,6 +61,19 @@ def select_linears(model: nn.Module, arch: Arch, cfg: LinearStepConfig, where: s
     return chosen
 
 
+def require_finite_weights(targets: dict[str, nn.Module], where: str) -> None:
+    """NaN/inf in a weight would silently poison every grid fitted from it.
+
+    Called per layer (or block) when its turn comes, not for the whole model up front: reading every
+    weight first would page the whole memory-mapped checkpoint into RSS at once (+~420 MiB peak on
+    SmolLM2), while layer by layer each fp32 page leaves again as soon as its layer is packed.
+    """
+    for name, mod in targets.items():
+        if not torch.isfinite(mod.weight).all():
+            raise SlimlmError(f"{where}: weight of {name} contains NaN or inf",
+                              "repair or reload the model; a compressed model cannot be built from non-finite weights")
+
+
 def layer_error(w: torch.Tensor, w_new: torch.Tensor, stats: LinearStats | None) -> float:
     """Relative output error of a weight change, weighted by input statistics when known."""
     d = (w_new.float() - w.float())

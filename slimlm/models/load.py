@@ -195,6 +195,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     # GGUF-loaded models refuse save_pretrained: rebuild a plain model and copy the weights over.
     model = type(ggm)(ggm.config)
     model.load_state_dict(ggm.state_dict())
+    if hasattr(model.config, "quantization_config"):  # the weights saved are plain fp32, not GGUF blocks
+        delattr(model.config, "quantization_config")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -28,8 +28,8 @@ from slimlm.calibrate import BlockContext, run_sequential
 from slimlm.layers.quant import QuantizedWeight, QuantLinear, dequantize
 from slimlm.memory import drop_file_pages
 from slimlm.methods import StepContext, StepReport, register_method
-from slimlm.methods.linear import select_linears
-from slimlm.methods.quant.gptq import require_finite_stats, require_finite_weights
+from slimlm.methods.linear import require_finite_weights, select_linears
+from slimlm.methods.quant.gptq import require_finite_stats
 from slimlm.methods.quant.grid import fit_grid, n_groups, quantize_to_grid, round_to_nearest
 from slimlm.methods.quant.rtn import WeightQuantConfig, check_group_sizes, resolve_group_size
 from slimlm.models.arch import Arch, block_linears, get_module, set_module
@@ -172,7 +172,6 @@ def run_awq(ctx: StepContext, cfg: AWQConfig) -> StepReport:
     model, arch = ctx.model, ctx.arch
     targets = select_linears(model, arch, cfg, "awq")
     check_group_sizes(targets, cfg.group_size, "awq")
-    require_finite_weights(targets, "awq")
     ids = ctx.calib_ids()  # raises a clear error when the calibration text is too short
     head_dim = _head_dim(model)
     no_clip = {arch.attn_path(arch.q), arch.attn_path(arch.k)}  # clipping q/k distorts attention scores
@@ -184,6 +183,7 @@ def run_awq(ctx: StepContext, cfg: AWQConfig) -> StepReport:
         local = {n.removeprefix(prefix): m for n, m in targets.items() if n.startswith(prefix)}
         if not local:
             return
+        require_finite_weights({prefix + p: m for p, m in local.items()}, "awq")
         plain = {p: m for p, m in block_linears(bctx.block, arch).items() if type(m) is nn.Linear}
         stats = bctx.collect(plain, {"abs", "hessian"})
         for p in local:

@@ -18,7 +18,8 @@ from torch import nn
 from slimlm.config import StepConfig
 from slimlm.errors import SlimlmError
 from slimlm.layers.embedding import QuantEmbedding, TiedQuantHead
-from slimlm.layers.quant import QuantLinear
+from slimlm.layers.quant import QuantizedWeight, QuantLinear
+from slimlm.memory import drop_file_pages
 from slimlm.methods import StepContext, StepReport, register_method
 from slimlm.methods.linear import layer_error
 from slimlm.methods.quant.grid import round_to_nearest
@@ -33,14 +34,26 @@ class EmbeddingQuantConfig(StepConfig):
     head: bool = Field(True, description="also quantize an untied lm_head (a tied one always shares the codes)")
 
 
-def quantize_table(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, embed_scale: float | None) -> QuantEmbedding:
-    """A :class:`QuantEmbedding` holding RTN codes of ``weight`` (vocab, dim)."""
+ROWS = 16_384  # table rows rounded at a time: Gemma's 262k × 640 fp32 table is 671 MB, each temporary as large
+
+
+def quantize_table(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, embed_scale: float | None
+                   ) -> tuple[QuantEmbedding, float]:
+    """A :class:`QuantEmbedding` holding RTN codes of ``weight`` (vocab, dim), and its relative error."""
     vocab, dim = weight.shape
-    qw = round_to_nearest(weight.detach(), bits, group_size, symmetric)
+    parts, err, ref = [], 0.0, 0.0
+    for start in range(0, vocab, ROWS):  # in slices: no full-table float temporaries
+        rows = weight[start : start + ROWS].detach().float()
+        part = round_to_nearest(rows, bits, group_size, symmetric)
+        err += float((part.dequantize() - rows).pow(2).sum())
+        ref += float(rows.pow(2).sum())
+        parts.append(part)
+    qw = QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                         torch.cat([p.zero for p in parts]), bits, parts[0].group_size)
     table = QuantEmbedding(dim, vocab, bits, group_size, embed_scale=embed_scale).to(weight.device)
     src = QuantLinear.from_quantized(qw, None)
     table.qweight, table.scales, table.zeros = src.qweight, src.scales, src.zeros
-    return table
+    return table, err / max(ref, 1e-30)
 
 
 @register_method("embedding", EmbeddingQuantConfig, needs_calibration=lambda cfg: False)
@@ -59,13 +72,13 @@ def run_embedding(ctx: StepContext, cfg: EmbeddingQuantConfig) -> StepReport:
     head = model.get_submodule(arch.lm_head)
     tied = head.weight is emb.weight
     scale = getattr(emb, "scalar_embed_scale", None)
-    w = emb.weight.detach().clone()
-    table = quantize_table(emb.weight, cfg.bits, g, cfg.symmetric, float(scale) if scale is not None else None)
+    table, error = quantize_table(emb.weight, cfg.bits, g, cfg.symmetric, float(scale) if scale is not None else None)
     set_module(model, arch.embed, table)
     report = StepReport(method="embedding")
-    report.layer_errors[arch.embed] = layer_error(w, table.weight, None)
+    report.layer_errors[arch.embed] = error
     if tied:
         set_module(model, arch.lm_head, TiedQuantHead.tie(model, arch.embed))
+        drop_file_pages(emb.weight, model)
     elif cfg.head and isinstance(head, nn.Linear):
         hw = head.weight.detach()
         qh = QuantLinear.from_quantized(round_to_nearest(hw, cfg.bits, g, cfg.symmetric), head.bias)

@@ -23,7 +23,7 @@ from slimlm.calibrate import LinearStats
 from slimlm.errors import SlimlmError
 from slimlm.layers.quant import QuantizedWeight, QuantLinear
 from slimlm.methods import StepContext, StepReport, register_method
-from slimlm.methods.linear import apply_to_linears, select_linears
+from slimlm.methods.linear import apply_to_linears, require_finite_weights, select_linears
 from slimlm.methods.quant.grid import fit_grid, n_groups
 from slimlm.methods.quant.rtn import WeightQuantConfig, check_group_sizes, resolve_group_size
 from slimlm.models.arch import Arch, input_groups
@@ -34,17 +34,9 @@ ZERO_ROW_FRACTION = 0.10  # a row with at least this share of exact zeros is tre
 class GPTQConfig(WeightQuantConfig):
     damp: float = Field(0.01, gt=0, lt=1, description="dampening added to diag(H), relative to its mean")
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
-    act_order: bool = Field(False, description="quantize columns by decreasing diag(H) (implies static groups)")
+    act_order: bool = Field(True, description="quantize columns by decreasing diag(H) (implies static groups; no run-time cost)")
     static_groups: bool = Field(False, description="fit every group's grid before any error feedback")
     preserve_zeros: bool = Field(True, description="keep exact zeros of pruned rows (≥10% zeros) at zero")
-
-
-def require_finite_weights(targets: dict[str, nn.Module], where: str) -> None:
-    """NaN/inf in a weight would silently poison every grid fitted from it."""
-    for name, mod in targets.items():
-        if not torch.isfinite(mod.weight).all():
-            raise SlimlmError(f"{where}: weight of {name} contains NaN or inf",
-                              "repair or reload the model; a compressed model cannot be built from non-finite weights")
 
 
 def require_finite_stats(name: str, stats: LinearStats | None, where: str) -> None:
@@ -107,7 +99,7 @@ def gptq_quantize(
     symmetric: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
-    act_order: bool = False,
+    act_order: bool = True,
     static_groups: bool = False,
     preserve_zeros: bool = True,
 ) -> QuantizedWeight:
@@ -181,7 +173,6 @@ def input_siblings(arch: Arch, targets: dict[str, nn.Module]) -> dict[str, list[
 def run_gptq(ctx: StepContext, cfg: GPTQConfig) -> StepReport:
     targets = select_linears(ctx.model, ctx.arch, cfg, "gptq")
     check_group_sizes(targets, cfg.group_size, "gptq")
-    require_finite_weights(targets, "gptq")
     ids = ctx.calib_ids()  # raises a clear error when the calibration text is too short
     siblings = input_siblings(ctx.arch, targets)
     done: dict[str, QuantLinear] = {}  # siblings quantized together with an earlier layer
@@ -193,6 +184,7 @@ def run_gptq(ctx: StepContext, cfg: GPTQConfig) -> StepReport:
         assert stats is not None and stats.hessian is not None
         group = siblings.get(name, [name])
         mods = [ctx.model.get_submodule(n) for n in group]  # not yet swapped: their turn comes later
+        require_finite_weights(dict(zip(group, mods)), "gptq")
         g = resolve_group_size(cfg.group_size, linear.in_features, name, "gptq")
         qw = gptq_quantize(torch.cat([m.weight for m in mods]), stats.hessian, bits=cfg.bits, group_size=g,
                            symmetric=cfg.symmetric, damp=cfg.damp, block_size=cfg.block_size,

@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from slimlm.errors import SlimlmError
 from slimlm.layers.nf4 import NF4Linear, dequantize_absmax, nf4_codebook
 from slimlm.methods import StepContext, StepReport, register_method
-from slimlm.methods.linear import LinearStepConfig, apply_to_linears, select_linears
+from slimlm.methods.linear import LinearStepConfig, apply_to_linears, require_finite_weights, select_linears
 
 
 class NF4Config(LinearStepConfig):
@@ -76,12 +75,10 @@ def nf4_quantize(w: torch.Tensor, block_size: int = 64, double_quant: bool = Tru
 @register_method("nf4", NF4Config, needs_calibration=lambda cfg: False)
 def run_nf4(ctx: StepContext, cfg: NF4Config) -> StepReport:
     targets = select_linears(ctx.model, ctx.arch, cfg, "nf4")
-    for name, lin in targets.items():
-        if not torch.isfinite(lin.weight).all():
-            raise SlimlmError(f"nf4: weight of {name} holds NaN or inf", "repair or reload the model before quantizing")
     bits: list[float] = []
 
     def transform(name, linear, _stats):
+        require_finite_weights({name: linear}, "nf4")  # per layer, not up front
         layer = NF4Linear(linear.in_features, linear.out_features, linear.bias is not None, cfg.block_size,
                           cfg.double_quant, cfg.dq_block_size).to(linear.weight.device)
         for key, t in nf4_quantize(linear.weight, cfg.block_size, cfg.double_quant, cfg.dq_block_size).items():

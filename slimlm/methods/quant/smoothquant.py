@@ -30,7 +30,7 @@ from slimlm.errors import SlimlmError
 from slimlm.layers.int8 import Int8Linear
 from slimlm.memory import drop_file_pages
 from slimlm.methods import StepContext, StepReport, register_method
-from slimlm.methods.linear import LinearStepConfig, layer_error, select_linears
+from slimlm.methods.linear import LinearStepConfig, layer_error, require_finite_weights, select_linears
 from slimlm.models.arch import Arch, set_module
 
 
@@ -117,9 +117,6 @@ def smooth_block(block: nn.Module, arch: Arch, x_max: dict[str, torch.Tensor], a
 def run_smoothquant(ctx: StepContext, cfg: SmoothQuantConfig) -> StepReport:
     model, arch = ctx.model, ctx.arch
     targets = select_linears(model, arch, cfg, "smoothquant")
-    for name, lin in targets.items():
-        if not torch.isfinite(lin.weight).all():
-            raise SlimlmError(f"smoothquant: weight of {name} holds NaN or inf", "repair or reload the model before quantizing")
     report = StepReport(method="smoothquant", extra={"alpha": cfg.alpha, "smoothed": {}, "kernel": "auto: torch._int_mm ≤ 16 tokens, int32 GEMM above"})
     probes = {"attn_in": arch.attn_path(arch.q), "mlp_in": _mlp(arch, arch.up), "down_in": _mlp(arch, arch.down)}
     t0 = time.perf_counter()
@@ -129,6 +126,7 @@ def run_smoothquant(ctx: StepContext, cfg: SmoothQuantConfig) -> StepReport:
         local = {n.removeprefix(prefix): m for n, m in targets.items() if n.startswith(prefix)}
         if not local:
             return
+        require_finite_weights({prefix + p: m for p, m in local.items()}, "smoothquant")  # per block, not up front
         stats = bctx.collect({p: bctx.block.get_submodule(p) for p in probes.values()}, {"max"})
         x_max = {k: stats[p].max for k, p in probes.items()}
         for k, v in x_max.items():

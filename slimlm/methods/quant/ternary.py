@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from slimlm.errors import SlimlmError
 from slimlm.layers.quant import QuantizedWeight, QuantLinear
 from slimlm.methods import StepContext, StepReport, register_method
-from slimlm.methods.linear import LinearStepConfig, apply_to_linears, select_linears
+from slimlm.methods.linear import LinearStepConfig, apply_to_linears, require_finite_weights, select_linears
 from slimlm.methods.quant.grid import _pad_groups
 from slimlm.methods.quant.rtn import check_group_sizes, resolve_group_size
 
@@ -43,11 +42,9 @@ def ternary_quantize(w: torch.Tensor, group_size: int) -> QuantizedWeight:
 def run_ternary(ctx: StepContext, cfg: TernaryConfig) -> StepReport:
     targets = select_linears(ctx.model, ctx.arch, cfg, "ternary")
     check_group_sizes(targets, cfg.group_size, "ternary")
-    for name, lin in targets.items():
-        if not torch.isfinite(lin.weight).all():
-            raise SlimlmError(f"ternary: weight of {name} holds NaN or inf", "repair or reload the model before quantizing")
 
     def transform(name, linear, _stats):
+        require_finite_weights({name: linear}, "ternary")  # per layer, not up front
         g = resolve_group_size(cfg.group_size, linear.in_features, name, "ternary")
         return QuantLinear.from_quantized(ternary_quantize(linear.weight.detach(), g), linear.bias)
 
