@@ -27,18 +27,23 @@ from typing import Any
 OTHER_QUANT = ("smoothquant", "nf4", "ternary")  # colleagues' methods: included when registered
 
 
-def configs(bits_list: list[int], group_size: int, symmetric: bool, others: list[str]) -> dict[str, list[dict[str, Any]] | None]:
-    """Row name → recipe steps (method, options); ``None`` is the fp reference."""
-    rows: dict[str, list[dict[str, Any]] | None] = {"fp": None}
+Row = dict[str, Any]  # {"steps": [{method: options}, ...], "calibration": {overrides}}; None = fp reference
+
+
+def configs(bits_list: list[int], group_size: int, symmetric: bool, others: list[str]) -> dict[str, Row | None]:
+    """Row name → recipe steps (method, options) and calibration overrides; ``None`` is the fp reference."""
+    rows: dict[str, Row | None] = {"fp": None}
     for bits in bits_list:
         opts = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
         for method in ("rtn", "gptq", "awq"):
-            rows[f"{method}{bits}"] = [{method: dict(opts)}]
-        rows[f"gptq{bits}-act"] = [{"gptq": {**opts, "act_order": True}}]  # columns by decreasing diag(H)
+            rows[f"{method}{bits}"] = {"steps": [{method: dict(opts)}]}
+        # ablations: columns in natural order; blocks fed the fp model's outputs (one block forward less)
+        rows[f"gptq{bits}-noact"] = {"steps": [{"gptq": {**opts, "act_order": False}}]}
+        rows[f"gptq{bits}-ref"] = {"steps": [{"gptq": dict(opts)}], "calibration": {"propagate": "reference"}}
         # the same, with the embedding table (tied head) in 8-bit codes instead of fp16
-        rows[f"gptq{bits}+emb8"] = [{"gptq": dict(opts)}, {"embedding": {"bits": 8, "group_size": group_size}}]
+        rows[f"gptq{bits}+emb8"] = {"steps": [{"gptq": dict(opts)}, {"embedding": {"bits": 8, "group_size": group_size}}]}
     for name in others:
-        rows[name] = [{name: {}}]
+        rows[name] = {"steps": [{name: {}}]}
     return rows
 
 
@@ -70,15 +75,17 @@ def worker(args: argparse.Namespace) -> None:
     from slimlm.eval import perplexity
     from slimlm.eval.efficiency import bytes_on_disk
 
-    step = json.loads(args.step)
+    spec = json.loads(args.step)
     t0, c0 = time.perf_counter(), time.process_time()
     lm = slimlm.load(args.model)
     distinct = {id(p): p for p in lm.model.parameters()}.values()  # tied embeddings counted once
-    row: dict[str, Any] = {"name": args.name, "step": step,
+    row: dict[str, Any] = {"name": args.name, "step": spec and spec["steps"],
+                           "calibration": spec and spec.get("calibration"),
                            "fp32_bytes": 4 * sum(p.numel() for p in distinct if p.dtype.is_floating_point)}
-    if step is not None:
-        recipe = {"calibration": {"source": args.calib, "n_samples": args.n_samples, "seqlen": args.seqlen},
-                  "steps": step}
+    if spec is not None:
+        recipe = {"calibration": {"source": args.calib, "n_samples": args.n_samples, "seqlen": args.seqlen,
+                                  **spec.get("calibration", {})},
+                  "steps": spec["steps"]}
         import yaml
 
         res = slimlm.compress(lm, yaml.safe_dump(recipe), Path(args.out) / args.name)
@@ -97,8 +104,8 @@ def worker(args: argparse.Namespace) -> None:
     print("ROW " + json.dumps(row), flush=True)
 
 
-def run_row(name: str, step: list[dict[str, Any]] | None, model: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", "--name", name, "--step", json.dumps(step), "--model", model,
+def run_row(name: str, spec: Row | None, model: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", "--name", name, "--step", json.dumps(spec), "--model", model,
            "--out", str(out), "--calib", args.calib, "--n-samples", str(args.n_samples), "--seqlen", str(args.seqlen),
            "--window", str(args.window), "--max-tokens", str(args.max_tokens)]
     t = time.perf_counter()
@@ -107,7 +114,7 @@ def run_row(name: str, step: list[dict[str, Any]] | None, model: str, args: argp
     if proc.returncode or not rows:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         print(f"  {name}: failed ({tail[0]})", flush=True)
-        return {"name": name, "step": step, "error": tail[0]}
+        return {"name": name, "step": spec and spec["steps"], "error": tail[0]}
     row = json.loads(rows[-1])
     print(f"  {name}: ppl {row['perplexity']:.3f} ({time.perf_counter() - t:.0f}s incl. eval)", flush=True)
     return row
@@ -148,6 +155,10 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         g = by["gptq4"]
         out.append(f"gptq4 wall {g['seconds']:.0f} s (CPU {g['cpu_seconds']:.0f} s) < 120 s: "
                    f"{'met' if g['seconds'] < 120 else 'MISSED'}")
+        if "gptq4-ref" in by:
+            f = by["gptq4-ref"]
+            out.append(f"gptq4-ref (reference propagation) wall {f['seconds']:.0f} s < 120 s: "
+                       f"{'met' if f['seconds'] < 120 else 'MISSED'} (ppl ratio {ppl('gptq4-ref') / ppl('fp'):.4f})")
         rss, fp32 = g["peak_rss_bytes"], g["fp32_bytes"]
         out.append(f"gptq4 peak RSS {rss / 2**20:.0f} MiB < 2× fp32 model {2 * fp32 / 2**20:.0f} MiB: "
                    f"{'met' if rss < 2 * fp32 else 'MISSED'}")
@@ -205,8 +216,8 @@ def main() -> None:
         for model in models:
             print(f"{model}: {', '.join(rows_cfg)}", flush=True)
             rows: list[dict[str, Any]] = []
-            for name, step in rows_cfg.items():
-                rows.append(run_row(name, step, model, args, Path(tmp) / model))
+            for name, spec in rows_cfg.items():
+                rows.append(run_row(name, spec, model, args, Path(tmp) / model))
                 result["models"][model] = {"rows": rows, "targets": targets(rows)}
                 out.write_text(json.dumps(result, indent=1, default=str))  # partial results survive an interrupt
             report += [table(model, rows), "", *[f"- {t}" for t in targets(rows)], ""]

@@ -6,9 +6,9 @@ error rather than a silently ignored option.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slimlm.errors import SlimlmError
 
@@ -46,3 +46,6 @@ class CalibrationConfig(StrictConfig):
     seqlen: int = 512
     seed: int = 0
     batch_size: int = 4
+    propagate: Literal["compressed", "reference"] = Field(
+        "compressed", description="what feeds each next block: the changed block's outputs (GPTQ's sequential "
+        "mode) or the unchanged block's (one block forward less per block; no block errors reported)")

@@ -10,7 +10,9 @@ benchmarks/cost.py, so it only holds while compressing.
 Weights loaded from safetensors are views into a private memory map of the file: every page a pass
 touches stays in the process's RSS until the whole file is unmapped, even after the layer that read
 it has been replaced. :func:`drop_file_pages` hands a replaced weight's pages back to the page cache,
-so a compressed layer stops costing its fp32 bytes as soon as it is done.
+so a compressed layer stops costing its fp32 bytes as soon as it is done. :func:`page_out` does the
+same for a tensor that is still in use but will not be read again soon (a slice of a table being
+re-encoded): the kernel reclaims clean pages and keeps any modified ones, so no data can be lost.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 M_TRIM_THRESHOLD = -1  # glibc mallopt() parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
 MADV_DONTNEED = 4  # Linux madvise(2): drop the pages; a file-backed page reads back from the file
+MADV_PAGEOUT = 21  # Linux ≥ 5.4: reclaim the pages now; a modified page is kept (swapped or left resident)
 COMPACT = (1 << 20, 1 << 20)  # (mmap, trim) thresholds while compressing
 FAST = (32 << 20, 64 << 20)  # afterwards: where glibc's dynamic thresholds end up on a long run
 
@@ -75,6 +78,29 @@ def _in_file_mapping(start: int, end: int) -> bool:
     except OSError:
         return False
     return False
+
+
+def _whole_pages(t: torch.Tensor) -> tuple[int, int]:
+    """The page-aligned [lo, hi) inside ``t``'s own bytes (empty when it spans no whole page)."""
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    page = 4096
+    return -(-start // page) * page, end // page * page
+
+
+def page_out(t: torch.Tensor) -> int:
+    """Ask the kernel to reclaim the resident file-backed pages of ``t`` (a contiguous CPU tensor) now.
+
+    Safe on live tensors: clean pages read back from the file on the next access, modified ones are kept.
+    Returns the bytes advised; 0 off Linux/glibc, on kernels before 5.4 and outside file mappings.
+    """
+    libc = _glibc()
+    if libc is None or t.device.type != "cpu" or not t.is_contiguous():
+        return 0
+    lo, hi = _whole_pages(t)
+    if hi <= lo or not _in_file_mapping(lo, hi):
+        return 0
+    return hi - lo if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_PAGEOUT) == 0 else 0
 
 
 def drop_file_pages(t: torch.Tensor, live: nn.Module) -> int:

@@ -94,3 +94,40 @@ def test_bad_embedding_settings_are_refused(fresh_default) -> None:
         slimlm.compress(lm, "steps: [{embedding: {bits: 3}}, {embedding: {}}]\n")
     with pytest.raises(ValueError, match="whole bytes"):
         quantize_table(torch.randn(4, 6), 3, 6, False, None)  # 18 bits per row
+
+
+def test_sliced_fill_matches_whole_layer_rounding(monkeypatch) -> None:
+    import slimlm.methods.quant.embedding as embedding
+    from slimlm.layers.quant import QuantLinear
+    from slimlm.methods.quant.grid import round_to_nearest
+
+    w = torch.randn(50, 16, generator=torch.Generator().manual_seed(3))
+    whole = QuantLinear.from_quantized(round_to_nearest(w, 4, 8, False), None)
+    monkeypatch.setattr(embedding, "ROWS", 7)
+    sliced = QuantLinear(16, 50, 4, 8, bias=False)
+    err = embedding.fill_rows(sliced, w, False)
+    assert torch.equal(sliced.qweight, whole.qweight) and torch.equal(sliced.scales, whole.scales)
+    assert torch.equal(sliced.zeros, whole.zeros)
+    assert err == pytest.approx(float((whole.weight - w).pow(2).sum() / w.pow(2).sum()), rel=1e-5)
+
+
+def test_untied_head_is_quantized_as_its_own_layer(fresh_default, tmp_path) -> None:
+    from slimlm.layers.quant import QuantLinear
+
+    lm = fresh_default
+    drop_blocks(lm.model, lm.arch, set(range(2, lm.info.n_layers)))
+    emb = lm.model.get_input_embeddings()
+    head = torch.nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False)
+    head.weight = torch.nn.Parameter(emb.weight.detach() * 0.5 + 0.01)  # a head of its own
+    lm.model.lm_head = head
+    lm.model.config.tie_word_embeddings = False
+    res = slimlm.compress(lm, "steps: [{embedding: {bits: 8}}]\n", tmp_path / "untied")
+    qh = lm.model.get_output_embeddings()
+    assert res.reports[0].extra["tied"] is False and type(qh) is QuantLinear and qh.bits == 8
+    assert res.reports[0].layer_errors["lm_head"] < 1e-4  # 8-bit g128 codes of the head's own weights
+    assert not torch.equal(qh.weight, lm.model.get_input_embeddings().rows(0, emb.num_embeddings, torch.float32))
+    ids = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(2))
+    reloaded = slimlm.load(tmp_path / "untied")
+    assert type(reloaded.model.get_output_embeddings()) is QuantLinear
+    with torch.no_grad():
+        assert torch.equal(reloaded.model(ids).logits, lm.model(ids).logits)

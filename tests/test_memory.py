@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import slimlm
-from slimlm.memory import drop_file_pages
+from slimlm.memory import drop_file_pages, page_out
 from slimlm.models.arch import set_module
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc/self/maps are Linux's")
@@ -40,3 +40,19 @@ def test_compress_does_not_keep_the_fp_weights_resident(fresh_default) -> None:
     slimlm.compress(fresh_default, "steps:\n  - rtn: {bits: 4, group_size: 128}\n")
     after = proc.memory_full_info().shared
     assert before - after > 0.9 * block_bytes
+
+
+def test_page_out_reclaims_a_live_weight_without_losing_data(fresh_default) -> None:
+    """A table being re-encoded slice by slice: each read slice leaves RSS, values (even modified ones) stay."""
+    embed = fresh_default.model.get_input_embeddings().weight.detach()
+    expected = embed.clone()
+    float(embed.sum())  # every page resident, as a pass over the table makes it
+    proc = psutil.Process()
+    before = proc.memory_full_info().shared
+    assert page_out(embed) >= embed.numel() * embed.element_size() - 2 * 4096
+    assert before - proc.memory_full_info().shared > 0.5 * embed.numel() * embed.element_size()
+    assert torch.equal(embed, expected)  # clean pages read back from the checkpoint
+    embed[0, :8] = 7.0  # a modified (copy-on-write) page is kept, never reverted to the file
+    page_out(embed)
+    assert torch.equal(embed[0, :8], torch.full((8,), 7.0)) and torch.equal(embed[1:], expected[1:])
+    assert page_out(torch.randn(4096, 64)) == 0  # ordinary heap memory is never advised

@@ -68,6 +68,32 @@ def test_driver_reproduces_the_models_own_hidden_states(default_lm) -> None:
         assert torch.allclose(seen[i], hidden[i], atol=1e-4), i
 
 
+@pytest.mark.parametrize("propagate", ["compressed", "reference"])
+def test_driver_feeds_changed_or_reference_outputs_forward(fresh_default, propagate: str) -> None:
+    """``compressed``: the next block sees the changed block's outputs; ``reference``: the unchanged model's."""
+    lm = fresh_default
+    ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = lm.model(input_ids=ids, output_hidden_states=True).hidden_states
+    seen: dict[int, torch.Tensor] = {}
+
+    def halve_down_proj(ctx) -> None:  # a visible "compression" of every block
+        seen[ctx.index] = torch.cat(ctx.inputs)
+        down = ctx.block.mlp.down_proj
+        ctx.collect({"mlp.down_proj": down}, {"sq"})
+        with torch.no_grad():
+            down.weight.mul_(0.5)
+
+    errors = run_sequential(lm.model, lm.arch, ids, halve_down_proj, batch_size=1, propagate=propagate)
+    assert torch.allclose(seen[0], hidden[0], atol=1e-4)
+    if propagate == "reference":
+        assert errors == {}  # no changed-block forward, so nothing to compare
+        assert all(torch.allclose(seen[i], hidden[i], atol=1e-4) for i in (1, 2, 29))
+    else:
+        assert len(errors) == lm.info.n_layers and min(errors.values()) > 0
+        assert not torch.allclose(seen[2], hidden[2], atol=1e-2)
+
+
 def test_rtn8_perplexity_within_one_percent(fresh_default, eval_text, fp_ppl) -> None:
     slimlm.compress(fresh_default, "steps: [{rtn: {bits: 8, group_size: -1}}]\n")
     assert _ppl(fresh_default, eval_text) / fp_ppl < 1.01

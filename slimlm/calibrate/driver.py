@@ -5,7 +5,11 @@
    exceptions to stop the forward pass, and per-layer arguments (Gemma's sliding/global masks)
    are kept exactly as the model builds them.
 2. For each block: hand a :class:`BlockContext` to the method, which collects the statistics it
-   declares and changes the block; then run the *changed* block to produce the next block's inputs.
+   declares and changes the block; then run the *changed* block to produce the next block's inputs
+   (``propagate="compressed"``, as GPTQ does), so later blocks calibrate on what they will really see.
+   ``propagate="reference"`` feeds the unchanged block's outputs instead, kept from the statistics
+   pass: one block forward less per block (GPTQ on SmolLM2-135M: ~1.4× faster on CPU), at the price of
+   calibrating on activations the compressed model will not quite produce, and no block errors.
 
 Peak memory stays near the model plus one block boundary's activations.
 """
@@ -101,9 +105,11 @@ def run_sequential(
     process: Callable[[BlockContext], None],
     *,
     batch_size: int = 4,
+    propagate: str = "compressed",
     desc: str = "calibrating",
 ) -> dict[str, float]:
-    """Drive ``process`` over every block in order; returns each block's relative output error."""
+    """Drive ``process`` over every block in order; returns each block's relative output error
+    (none for blocks fed forward from their reference outputs)."""
     capture = capture_block_inputs(model, arch, ids, batch_size)
     inputs = capture.inputs
     errors: dict[str, float] = {}
@@ -111,6 +117,9 @@ def run_sequential(
     for i in tqdm(range(len(layers)), desc=desc, unit="block"):
         ctx = BlockContext(i, f"{arch.blocks}.{i}", layers[i], inputs, capture.kwargs[i])
         process(ctx)
+        if propagate == "reference" and ctx.fp_outputs is not None:
+            inputs = ctx.fp_outputs
+            continue
         outputs = ctx.forward()
         if ctx.fp_outputs is not None:
             errors[ctx.name] = relative_error(outputs, ctx.fp_outputs)

@@ -96,6 +96,7 @@ def apply_to_linears(
     kinds: frozenset[str] = frozenset(),
     calib_ids: torch.Tensor | None = None,
     batch_size: int = 4,
+    propagate: str = "compressed",
 ) -> StepReport:
     """Replace each target by ``transform``'s result, calibrating block by block if ``kinds``.
 
@@ -129,6 +130,7 @@ def apply_to_linears(
             for path, mod in local.items():
                 swap(prefix + path, mod, stats[path], ctx.block, path)
 
-        report.block_errors = run_sequential(model, arch, calib_ids, process, batch_size=batch_size, desc=method)
+        report.block_errors = run_sequential(model, arch, calib_ids, process, batch_size=batch_size,
+                                             propagate=propagate, desc=method)
     report.seconds = time.perf_counter() - t0
     return report

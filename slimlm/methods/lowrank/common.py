@@ -91,6 +91,7 @@ def run_lowrank(ctx: StepContext, cfg: LowRankConfig, method: str, scaler: Scale
         return LowRankLinear.from_factors(a, b, linear.bias.detach() if linear.bias is not None else None)
 
     report = apply_to_linears(ctx.model, ctx.arch, targets, transform, method=method, kinds=kinds,
-                              calib_ids=ctx.calib_ids() if kinds else None, batch_size=ctx.calibration.batch_size)
+                              calib_ids=ctx.calib_ids() if kinds else None, batch_size=ctx.calibration.batch_size,
+                              propagate=ctx.calibration.propagate)
     report.extra["ranks"] = ranks
     return report

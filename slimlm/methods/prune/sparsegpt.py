@@ -122,6 +122,7 @@ def run_sparsegpt(ctx: StepContext, cfg: SparseGPTConfig) -> StepReport:
 
     names = list(targets)
     report = apply_to_linears(ctx.model, ctx.arch, targets, transform, method="sparsegpt", kinds=frozenset({"hessian"}),
-                              calib_ids=ctx.calib_ids(), batch_size=ctx.calibration.batch_size)
+                              calib_ids=ctx.calib_ids(), batch_size=ctx.calibration.batch_size,
+                              propagate=ctx.calibration.propagate)
     mark_sparse(ctx.model, names, cfg.pattern())
     return report

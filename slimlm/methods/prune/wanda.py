@@ -38,6 +38,7 @@ def run_wanda(ctx: StepContext, cfg: WandaConfig) -> StepReport:
 
     names = list(targets)
     report = apply_to_linears(ctx.model, ctx.arch, targets, transform, method="wanda", kinds=frozenset({"sq"}),
-                              calib_ids=ctx.calib_ids(), batch_size=ctx.calibration.batch_size)
+                              calib_ids=ctx.calib_ids(), batch_size=ctx.calibration.batch_size,
+                              propagate=ctx.calibration.propagate)
     mark_sparse(ctx.model, names, cfg.pattern())
     return report

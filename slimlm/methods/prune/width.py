@@ -169,7 +169,8 @@ def run_width(ctx: StepContext, cfg: WidthConfig) -> StepReport:
         prune_block(ctx_b.block, arch, neurons, groups, head_dim, n_rep)
         kept[ctx_b.name] = {"groups": groups.tolist() if groups is not None else list(range(n_kv))}
 
-    errors = run_sequential(model, arch, ctx.calib_ids(), process, batch_size=ctx.calibration.batch_size, desc="width")
+    errors = run_sequential(model, arch, ctx.calib_ids(), process, batch_size=ctx.calibration.batch_size,
+                            propagate=ctx.calibration.propagate, desc="width")
     conf.head_dim = head_dim  # explicit: no longer derivable from hidden_size / num_attention_heads
     conf.num_attention_heads, conf.num_key_value_heads = keep_g * n_rep, keep_g
     setattr(conf, "intermediate_size" if hasattr(conf, "intermediate_size") else "ffn_dim", keep_n)

@@ -220,7 +220,8 @@ def run_awq(ctx: StepContext, cfg: AWQConfig) -> StepReport:
             drop_file_pages(mod.weight, model)  # after the last read of w, which may share its pages
 
     t0 = time.perf_counter()
-    report.block_errors = run_sequential(model, arch, ids, process, batch_size=ctx.calibration.batch_size, desc="awq")
+    report.block_errors = run_sequential(model, arch, ids, process, batch_size=ctx.calibration.batch_size,
+                                         propagate=ctx.calibration.propagate, desc="awq")
     report.seconds = time.perf_counter() - t0
     report.extra["alpha"] = alphas
     return report

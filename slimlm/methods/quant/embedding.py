@@ -18,10 +18,9 @@ from torch import nn
 from slimlm.config import StepConfig
 from slimlm.errors import SlimlmError
 from slimlm.layers.embedding import QuantEmbedding, TiedQuantHead
-from slimlm.layers.quant import QuantizedWeight, QuantLinear
-from slimlm.memory import drop_file_pages
+from slimlm.layers.quant import QuantLinear, pack_bits
+from slimlm.memory import drop_file_pages, page_out
 from slimlm.methods import StepContext, StepReport, register_method
-from slimlm.methods.linear import layer_error
 from slimlm.methods.quant.grid import round_to_nearest
 from slimlm.methods.quant.rtn import resolve_group_size
 from slimlm.models.arch import set_module
@@ -37,23 +36,34 @@ class EmbeddingQuantConfig(StepConfig):
 ROWS = 16_384  # table rows rounded at a time: Gemma's 262k × 640 fp32 table is 671 MB, each temporary as large
 
 
+def fill_rows(layer: QuantLinear, weight: torch.Tensor, symmetric: bool) -> float:
+    """Write RTN codes of ``weight`` (out, in) into ``layer``'s packed buffers, ``ROWS`` rows at a time.
+
+    Rows fill whole bytes, so each slice's codes land at their own byte range of ``qweight``: no list of
+    parts, no concatenation and no full-size code tensor ever exists. Returns the relative error.
+    """
+    out, dim = weight.shape
+    row_bytes = dim * layer.bits // 8
+    err, ref = 0.0, 0.0
+    for start in range(0, out, ROWS):
+        stop = min(start + ROWS, out)
+        rows = weight[start:stop].detach().float()
+        part = round_to_nearest(rows, layer.bits, layer.group_size, symmetric)
+        err += float((part.dequantize() - rows).pow(2).sum())
+        ref += float(rows.pow(2).sum())
+        page_out(weight[start:stop].detach())  # read once: its mapped fp pages need not stay (671 MB on Gemma)
+        layer.qweight[start * row_bytes : stop * row_bytes] = pack_bits(part.q, layer.bits)
+        layer.scales[start:stop] = part.scale
+        layer.zeros[start:stop] = part.zero
+    return err / max(ref, 1e-30)
+
+
 def quantize_table(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool, embed_scale: float | None
                    ) -> tuple[QuantEmbedding, float]:
     """A :class:`QuantEmbedding` holding RTN codes of ``weight`` (vocab, dim), and its relative error."""
     vocab, dim = weight.shape
-    parts, err, ref = [], 0.0, 0.0
-    for start in range(0, vocab, ROWS):  # in slices: no full-table float temporaries
-        rows = weight[start : start + ROWS].detach().float()
-        part = round_to_nearest(rows, bits, group_size, symmetric)
-        err += float((part.dequantize() - rows).pow(2).sum())
-        ref += float(rows.pow(2).sum())
-        parts.append(part)
-    qw = QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
-                         torch.cat([p.zero for p in parts]), bits, parts[0].group_size)
     table = QuantEmbedding(dim, vocab, bits, group_size, embed_scale=embed_scale).to(weight.device)
-    src = QuantLinear.from_quantized(qw, None)
-    table.qweight, table.scales, table.zeros = src.qweight, src.scales, src.zeros
-    return table, err / max(ref, 1e-30)
+    return table, fill_rows(table, weight, symmetric)
 
 
 @register_method("embedding", EmbeddingQuantConfig, needs_calibration=lambda cfg: False)
@@ -80,10 +90,12 @@ def run_embedding(ctx: StepContext, cfg: EmbeddingQuantConfig) -> StepReport:
         set_module(model, arch.lm_head, TiedQuantHead.tie(model, arch.embed))
         drop_file_pages(emb.weight, model)
     elif cfg.head and isinstance(head, nn.Linear):
-        hw = head.weight.detach()
-        qh = QuantLinear.from_quantized(round_to_nearest(hw, cfg.bits, g, cfg.symmetric), head.bias)
+        qh = QuantLinear(dim, head.out_features, cfg.bits, g, head.bias is not None).to(head.weight.device)
+        report.layer_errors[arch.lm_head] = fill_rows(qh, head.weight, cfg.symmetric)  # untied: as large as the table
+        if head.bias is not None:
+            qh.bias = nn.Parameter(head.bias.detach().clone())
         set_module(model, arch.lm_head, qh)
-        report.layer_errors[arch.lm_head] = layer_error(hw, qh.weight, None)
+        drop_file_pages(head.weight, model)
     report.extra["tied"] = tied
     report.seconds = time.perf_counter() - t0
     return report

@@ -199,4 +199,5 @@ def run_gptq(ctx: StepContext, cfg: GPTQConfig) -> StepReport:
         return done.pop(name)
 
     return apply_to_linears(ctx.model, ctx.arch, targets, transform, method="gptq", kinds=frozenset({"hessian"}),
-                            calib_ids=ids, batch_size=ctx.calibration.batch_size)
+                            calib_ids=ids, batch_size=ctx.calibration.batch_size,
+                            propagate=ctx.calibration.propagate)

@@ -141,6 +141,7 @@ def run_smoothquant(ctx: StepContext, cfg: SmoothQuantConfig) -> StepReport:
             set_module(bctx.block, path, new)
             drop_file_pages(lin.weight, model)
 
-    report.block_errors = run_sequential(model, arch, ctx.calib_ids(), process, batch_size=ctx.calibration.batch_size, desc="smoothquant")
+    report.block_errors = run_sequential(model, arch, ctx.calib_ids(), process, batch_size=ctx.calibration.batch_size,
+                                         propagate=ctx.calibration.propagate, desc="smoothquant")
     report.seconds = time.perf_counter() - t0
     return report
