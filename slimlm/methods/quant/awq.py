@@ -11,7 +11,9 @@ unchanged before rounding; only the rounding error moves to where it hurts less.
 ``Σ tr(ΔW H ΔWᵀ)`` with ``H = Σ xᵀx`` from the sequential driver (optionally estimated through a
 fixed Gaussian sketch of ``H``'s Cholesky factor, which makes the search ~5× cheaper on CPU). The
 optional clipping search then shrinks each group's range where that lowers the same error, and RTN
-on the scaled weights gives the same packed format as every other weight quantizer.
+on the scaled weights gives the same packed format as every other weight quantizer. With
+``quantize: false`` the step stops after folding the scales: the float model computes the same
+function, and a following ``gptq`` step rounds the rescaled weights with error feedback instead.
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ from pydantic import Field
 from torch import nn
 
 from slimlm.calibrate import BlockContext, run_sequential
-from slimlm.layers.quant import QuantizedWeight, QuantLinear, dequantize
+from slimlm.layers.quant import QuantizedWeight, QuantLinear
 from slimlm.memory import drop_file_pages
 from slimlm.methods import StepContext, StepReport, register_method
 from slimlm.methods.linear import require_finite_weights, select_linears
 from slimlm.methods.quant.gptq import require_finite_stats
-from slimlm.methods.quant.grid import fit_grid, n_groups, quantize_to_grid, round_to_nearest
+from slimlm.methods.quant.grid import clip_grid, fit_grid, quantize_to_grid, round_to_nearest
 from slimlm.methods.quant.rtn import WeightQuantConfig, check_group_sizes, resolve_group_size
 from slimlm.models.arch import Arch, block_linears, get_module, set_module
 
@@ -41,6 +43,8 @@ class AWQConfig(WeightQuantConfig):
     clip_grid: int = Field(20, ge=1, le=100, description="clipping ratios are 1 - k/clip_grid")
     max_shrink: float = Field(0.5, gt=0, lt=1, description="smallest clipping ratio is 1 - max_shrink")
     search_rank: int = Field(128, ge=0, description="Gaussian sketch width of H for the α search (0 = exact)")
+    quantize: bool = Field(True, description="round the scaled weights (RTN); false leaves them in float, scales "
+                           "folded, for a later step such as gptq (awq → gptq)")
 
 
 @dataclass(frozen=True)
@@ -140,28 +144,6 @@ def awq_scales(weights: list[torch.Tensor], group_sizes: list[int], x_mean: torc
     return best_s, best_alpha
 
 
-@torch.no_grad()
-def clip_grid(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int, symmetric: bool,
-              n_grid: int = 20, max_shrink: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(row, group) grid whose range is shrunk by the ratio minimising that group's output error."""
-    w = w.float()
-    h = hessian.float()
-    cols = w.shape[1]
-    bounds = [(a, min(a + group_size, cols)) for a in range(0, cols, group_size)]
-    blocks = [h[a:b, a:b] for a, b in bounds]  # the group's own inputs: cross-group terms are ignored
-    best_scale, best_zero = fit_grid(w, bits, group_size, symmetric)
-    best_err = torch.full((w.shape[0], n_groups(cols, group_size)), math.inf, device=w.device)
-    for k in range(max(1, int(max_shrink * n_grid))):
-        scale, zero = fit_grid(w * (1 - k / n_grid), bits, group_size, symmetric)
-        d = dequantize(quantize_to_grid(w, scale, zero, bits, group_size), scale, zero, group_size, torch.float32) - w
-        err = torch.stack([((d[:, a:b] @ hb) * d[:, a:b]).sum(1) for (a, b), hb in zip(bounds, blocks)], dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
-
-
 def _head_dim(model: nn.Module) -> int:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -204,6 +186,8 @@ def run_awq(ctx: StepContext, cfg: AWQConfig) -> StepReport:
             alphas[prefix + group.prev] = alpha
             for p in group.consumers:
                 in_scale[p] = in_scale[p] * s
+        if not cfg.quantize:
+            return
         for p, mod in local.items():
             w = mod.weight.detach().float()  # scaled weight (out, in)
             inv = 1.0 / in_scale[p]

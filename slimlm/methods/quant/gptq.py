@@ -24,7 +24,7 @@ from slimlm.errors import SlimlmError
 from slimlm.layers.quant import QuantizedWeight, QuantLinear
 from slimlm.methods import StepContext, StepReport, register_method
 from slimlm.methods.linear import apply_to_linears, require_finite_weights, select_linears
-from slimlm.methods.quant.grid import fit_grid, n_groups
+from slimlm.methods.quant.grid import clip_grid, fit_grid, n_groups
 from slimlm.methods.quant.rtn import WeightQuantConfig, check_group_sizes, resolve_group_size
 from slimlm.models.arch import Arch, input_groups
 
@@ -36,6 +36,7 @@ class GPTQConfig(WeightQuantConfig):
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
     act_order: bool = Field(True, description="quantize columns by decreasing diag(H) (implies static groups; no run-time cost)")
     static_groups: bool = Field(False, description="fit every group's grid before any error feedback")
+    clip: bool = Field(False, description="shrink each group's range where that lowers its Hessian-weighted rounding error")
     preserve_zeros: bool = Field(True, description="keep exact zeros of pruned rows (≥10% zeros) at zero")
 
 
@@ -101,6 +102,7 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = True,
     static_groups: bool = False,
+    clip: bool = False,
     preserve_zeros: bool = True,
 ) -> QuantizedWeight:
     """Quantize ``w`` (out, in) given ``hessian`` = Σ xᵀx (in, in); codes come back in natural column order."""
@@ -114,9 +116,14 @@ def gptq_quantize(
     H[dead, dead] = 1
     W[:, dead] = 0
 
+    def grid(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if clip:  # the range shrink (1, 0.95, …, 0.55) with the least tr(ΔW H ΔWᵀ) per group, as AWQ's
+            return clip_grid(w, h, bits=bits, group_size=group_size, symmetric=symmetric)
+        return fit_grid(w, bits, group_size, symmetric)
+
     static = static_groups or act_order
     if static:
-        scale, zero = fit_grid(W, bits, group_size, symmetric)  # (out, n_groups) each
+        scale, zero = grid(W, H)  # (out, n_groups) each
     else:
         scale = torch.empty(rows, n_groups(cols, group_size), dtype=torch.float16, device=W.device)
         zero = torch.empty(rows, scale.shape[1], dtype=torch.uint8, device=W.device)
@@ -139,7 +146,7 @@ def gptq_quantize(
             for i in range(i2 - i1):
                 c, g = i1 + i, group_of[i1 + i]
                 if not static and c % group_size == 0:  # fit the group's grid on its current (updated) weights
-                    s_g, z_g = fit_grid(Wt[c : c + group_size].T, bits, group_size, symmetric)
+                    s_g, z_g = grid(Wt[c : c + group_size].T, H[c : c + group_size, c : c + group_size])
                     scale[:, g], zero[:, g] = s_g[:, 0], z_g[:, 0]
                     scale_t[g], zero_t[g] = s_g[:, 0].float(), z_g[:, 0].float()
                 s, z = scale_t[g], zero_t[g]  # (out,)
@@ -188,7 +195,7 @@ def run_gptq(ctx: StepContext, cfg: GPTQConfig) -> StepReport:
         g = resolve_group_size(cfg.group_size, linear.in_features, name, "gptq")
         qw = gptq_quantize(torch.cat([m.weight for m in mods]), stats.hessian, bits=cfg.bits, group_size=g,
                            symmetric=cfg.symmetric, damp=cfg.damp, block_size=cfg.block_size,
-                           act_order=cfg.act_order, static_groups=cfg.static_groups,
+                           act_order=cfg.act_order, static_groups=cfg.static_groups, clip=cfg.clip,
                            preserve_zeros=cfg.preserve_zeros)
         start = 0
         for n, m in zip(group, mods):

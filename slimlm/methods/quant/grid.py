@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from slimlm.layers.quant import QuantizedWeight
+from slimlm.layers.quant import QuantizedWeight, dequantize
 
 
 def _pad_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -55,3 +55,25 @@ def round_to_nearest(w: torch.Tensor, bits: int, group_size: int, symmetric: boo
     scale, zero = fit_grid(w, bits, group_size, symmetric)
     q = quantize_to_grid(w, scale, zero, bits, group_size)
     return QuantizedWeight(q=q, scale=scale, zero=zero, bits=bits, group_size=group_size)
+
+
+@torch.no_grad()
+def clip_grid(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int, symmetric: bool,
+              n_grid: int = 20, max_shrink: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(row, group) grid whose range is shrunk by the ratio minimising that group's output error."""
+    w = w.float()
+    h = hessian.float()
+    cols = w.shape[1]
+    bounds = [(a, min(a + group_size, cols)) for a in range(0, cols, group_size)]
+    blocks = [h[a:b, a:b] for a, b in bounds]  # the group's own inputs: cross-group terms are ignored
+    best_scale, best_zero = fit_grid(w, bits, group_size, symmetric)
+    best_err = torch.full((w.shape[0], n_groups(cols, group_size)), math.inf, device=w.device)
+    for k in range(max(1, int(max_shrink * n_grid))):
+        scale, zero = fit_grid(w * (1 - k / n_grid), bits, group_size, symmetric)
+        d = dequantize(quantize_to_grid(w, scale, zero, bits, group_size), scale, zero, group_size, torch.float32) - w
+        err = torch.stack([((d[:, a:b] @ hb) * d[:, a:b]).sum(1) for (a, b), hb in zip(bounds, blocks)], dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
