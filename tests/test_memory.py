@@ -42,17 +42,23 @@ def test_compress_does_not_keep_the_fp_weights_resident(fresh_default) -> None:
     assert before - after > 0.9 * block_bytes
 
 
-def test_page_out_reclaims_a_live_weight_without_losing_data(fresh_default) -> None:
+def test_page_out_reclaims_a_live_tensor_without_losing_data(tmp_path) -> None:
     """A table being re-encoded slice by slice: each read slice leaves RSS, values (even modified ones) stay."""
-    embed = fresh_default.model.get_input_embeddings().weight.detach()
-    expected = embed.clone()
-    float(embed.sum())  # every page resident, as a pass over the table makes it
+    import numpy as np
+
+    expected = torch.randn(1024, 4096, generator=torch.Generator().manual_seed(0))  # 16 MiB
+    path = tmp_path / "table.bin"
+    expected.numpy().tofile(path)
+    # a private copy-on-write map of a file no other process maps, as safetensors weights are
+    table = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c", shape=(1024, 4096)))
+    float(table.sum())  # every page resident, as a pass over the table makes it
     proc = psutil.Process()
     before = proc.memory_full_info().shared
-    assert page_out(embed) >= embed.numel() * embed.element_size() - 2 * 4096
-    assert before - proc.memory_full_info().shared > 0.5 * embed.numel() * embed.element_size()
-    assert torch.equal(embed, expected)  # clean pages read back from the checkpoint
-    embed[0, :8] = 7.0  # a modified (copy-on-write) page is kept, never reverted to the file
-    page_out(embed)
-    assert torch.equal(embed[0, :8], torch.full((8,), 7.0)) and torch.equal(embed[1:], expected[1:])
+    nbytes = table.numel() * table.element_size()
+    assert page_out(table) >= nbytes - 2 * 4096
+    assert before - proc.memory_full_info().shared > 0.9 * nbytes
+    assert torch.equal(table, expected)  # clean pages read back from the file
+    table[0, :8] = 7.0  # a modified (copy-on-write) page is kept, never reverted to the file
+    page_out(table)
+    assert torch.equal(table[0, :8], torch.full((8,), 7.0)) and torch.equal(table[1:], expected[1:])
     assert page_out(torch.randn(4096, 64)) == 0  # ordinary heap memory is never advised

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimlm.calibrate.stats import LinearStats, collect_linear_stats
+from slimlm.memory import reuse_heap
 from slimlm.models.arch import Arch, blocks, get_module
 
 
@@ -81,7 +82,8 @@ class BlockContext:
 
     @torch.no_grad()
     def forward(self) -> list[torch.Tensor]:
-        return [self.block(x, **kw) for x, kw in zip(self.inputs, self.kwargs)]
+        with reuse_heap():
+            return [self.block(x, **kw) for x, kw in zip(self.inputs, self.kwargs)]
 
     def collect(self, modules: dict[str, nn.Module], kinds: set[str] | frozenset[str],
                 same_input: list[tuple[str, ...]] | tuple = ()) -> dict[str, LinearStats]:
