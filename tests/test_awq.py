@@ -13,8 +13,8 @@ from slimlm.calibrate import capture_block_inputs
 from slimlm.errors import SlimlmError
 from slimlm.layers.quant import QuantLinear, dequantize
 from slimlm.methods.quant.awq import ScaleGroup, apply_scales, awq_scales, scale_groups
-from slimlm.methods.quant.grid import clip_grid
-from slimlm.methods.quant.grid import quantize_to_grid, round_to_nearest
+from slimlm.methods.prune.layerdrop import drop_blocks
+from slimlm.methods.quant.grid import clip_grid, quantize_to_grid, round_to_nearest
 from slimlm.models.arch import LLAMA, blocks
 
 
@@ -124,10 +124,10 @@ def test_awq_on_smollm2_saves_and_reloads_identically(fresh_default, tmp_path, t
     assert torch.equal(before, after)
 
 
-@pytest.mark.slow
 def test_awq_scales_only_then_gptq(fresh_default, tiny_calib) -> None:
     """``quantize: false`` folds the searched scales and leaves a float model with the same function."""
     lm = fresh_default
+    drop_blocks(lm.model, lm.arch, set(range(2, lm.info.n_layers)))  # two blocks keep the test quick
     ids = torch.arange(100, 164)[None]
     with torch.no_grad():
         ref = lm.model(input_ids=ids).logits
@@ -136,7 +136,7 @@ def test_awq_scales_only_then_gptq(fresh_default, tiny_calib) -> None:
     assert scaled.reports[0].extra["alpha"] and scaled.reports[0].layer_errors == {}
     with torch.no_grad():
         out = lm.model(input_ids=ids).logits
-    # float rounding of the rescaled weights: ~1e-3 of the logits' scale; 4-bit rounding moves them tens of times more
+    # the same function up to float rounding of the rescaled weights
     assert (out - ref).abs().max() < 2e-3 * ref.abs().max() and torch.equal(out.argmax(-1), ref.argmax(-1))
     res = slimlm.compress(lm, tiny_calib + 'steps:\n  - gptq: {targets: "layers\\\\.1\\\\."}\n')
     assert sum(isinstance(m, QuantLinear) for m in lm.model.modules()) == 7
