@@ -40,7 +40,7 @@ def configs(bits_list: list[int], group_size: int, symmetric: bool, others: list
         # ablations: columns in natural order; blocks fed the fp model's outputs (one block forward less)
         rows[f"gptq{bits}-noact"] = {"steps": [{"gptq": {**opts, "act_order": False}}]}
         rows[f"gptq{bits}-ref"] = {"steps": [{"gptq": dict(opts)}], "calibration": {"propagate": "reference"}}
-        rows[f"gptq{bits}-noclip"] = {"steps": [{"gptq": {**opts, "clip": False}}]}  # min/max grids
+        rows[f"gptq{bits}-clip"] = {"steps": [{"gptq": {**opts, "clip": True}}]}  # clipped static grids
         # AWQ's scales folded into the float model, then GPTQ rounds the rescaled weights
         rows[f"awq+gptq{bits}"] = {"steps": [{"awq": {**opts, "quantize": False}}, {"gptq": dict(opts)}]}
         # the same, with the embedding table (tied head) in 8-bit codes instead of fp16

@@ -8,7 +8,7 @@
    declares and changes the block; then run the *changed* block to produce the next block's inputs
    (``propagate="compressed"``, as GPTQ does), so later blocks calibrate on what they will really see.
    ``propagate="reference"`` feeds the unchanged block's outputs instead, kept from the statistics
-   pass: one block forward less per block (GPTQ on SmolLM2-135M: ~1.4× faster on CPU), at the price of
+   pass: one block forward less per block (GPTQ on SmolLM2-135M: ~1.3× faster on CPU), at the price of
    calibrating on activations the compressed model will not quite produce, and no block errors.
 
 Peak memory stays near the model plus one block boundary's activations.

@@ -36,7 +36,8 @@ class GPTQConfig(WeightQuantConfig):
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
     act_order: bool = Field(True, description="quantize columns by decreasing diag(H) (implies static groups; no run-time cost)")
     static_groups: bool = Field(False, description="fit every group's grid before any error feedback")
-    clip: bool = Field(True, description="shrink each group's range where that lowers its Hessian-weighted rounding error")
+    clip: bool = Field(False, description="shrink each group's range where that lowers its Hessian-weighted rounding "
+                       "error (SmolLM2 4-bit: -9 % perplexity; Gemma-3: +2 %)")
     preserve_zeros: bool = Field(True, description="keep exact zeros of pruned rows (≥10% zeros) at zero")
 
 
@@ -102,7 +103,7 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = True,
     static_groups: bool = False,
-    clip: bool = True,
+    clip: bool = False,
     preserve_zeros: bool = True,
 ) -> QuantizedWeight:
     """Quantize ``w`` (out, in) given ``hessian`` = Σ xᵀx (in, in); codes come back in natural column order."""
