@@ -78,8 +78,9 @@ class QuantizedKVLayer(DynamicLayer):
         new_v = quantize_kv(value_states, self.bits, self.group_size)
         self._k = new_k if self._k is None else tuple(torch.cat([a, b], dim=2) for a, b in zip(self._k, new_k))
         self._v = new_v if self._v is None else tuple(torch.cat([a, b], dim=2) for a, b in zip(self._v, new_v))
-        return (dequantize_kv(self._k, self.bits, self.group_size, self.dtype),
-                dequantize_kv(self._v, self.bits, self.group_size, self.dtype))
+        dtype = key_states.dtype  # the attention's compute dtype (transformers ≥ 5.24 keeps no layer dtype)
+        return (dequantize_kv(self._k, self.bits, self.group_size, dtype),
+                dequantize_kv(self._v, self.bits, self.group_size, dtype))
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
