@@ -7,15 +7,18 @@ run never leaves a half-written artifact.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -24,7 +27,7 @@ from torch import nn
 from slimlm.errors import SlimlmError
 from slimlm.layers import FORMATS
 from slimlm.models.arch import set_module
-from slimlm.models.load import MANIFEST, LoadedModel, make_info
+from slimlm.models.load import MANIFEST, LoadedModel, file_hash, make_info
 
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
@@ -79,11 +82,11 @@ def _tensors_for_disk(model: nn.Module, storage_dtype: str) -> dict[str, torch.T
 def save_artifact(lm: LoadedModel, out: str | Path, *, recipe_yaml: str, storage_dtype: str,
                   report: dict[str, Any], overwrite: bool = False) -> Path:
     """Write ``lm`` as an artifact folder at ``out`` atomically; returns the folder."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise SlimlmError(f"output folder {out} already exists", "choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    out = check_output(out, overwrite=overwrite)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise _write_error(exc, out) from None
     try:
         save_file(_tensors_for_disk(lm.model, storage_dtype), str(tmp / WEIGHTS), metadata={"format": "pt"})
         lm.model.config.save_pretrained(str(tmp))
@@ -98,20 +101,58 @@ def save_artifact(lm: LoadedModel, out: str | Path, *, recipe_yaml: str, storage
             "source": {"path": lm.info.source, "kind": lm.info.source_kind, "hash": lm.info.source_hash,
                        "n_params": report.get("source_params")},
             "storage_dtype": storage_dtype,
+            "weights": {"file": WEIGHTS, "bytes": (tmp / WEIGHTS).stat().st_size, "sha256": file_hash(tmp / WEIGHTS)},
             "layers": layer_formats(lm.model),
             "report": report,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        with _signals_deferred():  # a Ctrl-C here would leave neither the old nor the new folder
+            if out.exists():
+                trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, trash)
+                os.replace(tmp, out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+    except OSError as exc:  # disk full, permissions: nothing half-written stays behind (finally below)
+        raise _write_error(exc, out) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def check_output(out: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse, before any slow work, an output folder that exists (without ``overwrite``) or cannot be written."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SlimlmError(f"output folder {out} already exists", "choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise SlimlmError(f"--out {out} is a file", "choose a folder path for the artifact")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(exc, out) from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise SlimlmError(f"cannot write the artifact: {out.parent} is not writable", "choose a folder you can write to (--out)")
+    return out
+
+
+def _write_error(exc: OSError, out: Path) -> SlimlmError:
+    if exc.errno == errno.ENOSPC:
+        return SlimlmError(f"no space left on the device while writing {out}", "free disk space or choose another --out")
+    return SlimlmError(f"cannot write the artifact {out}: {exc.strerror or exc}", "choose a folder you can write to (--out)")
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM for the two renames that swap the artifact in (delivered right after)."""
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs) if hasattr(signal, "pthread_sigmask") else None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _version() -> str:
@@ -120,14 +161,42 @@ def _version() -> str:
     return __version__
 
 
+REMAKE = "re-create the artifact with `slimlm compress`"
+REQUIRED = {"slimlm_format": int, "source": dict, "layers": dict}
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
+    """The artifact's manifest, checked for shape: a damaged or hand-edited one is one line, not a KeyError."""
+    where = path / MANIFEST
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except json.JSONDecodeError as exc:
-        raise SlimlmError(f"{path / MANIFEST} is not valid JSON ({exc})", "re-create the artifact with `slimlm compress`") from None
-    if manifest.get("slimlm_format", 0) > FORMAT_VERSION:
+        manifest = json.loads(where.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SlimlmError(f"{where} is not valid JSON ({exc})", REMAKE) from None
+    if not isinstance(manifest, dict):
+        raise SlimlmError(f"{where} is not a JSON object", REMAKE)
+    for key, kind in REQUIRED.items():
+        if not isinstance(manifest.get(key), kind):
+            raise SlimlmError(f"{where} lacks {key!r} (or it is not a {kind.__name__})", REMAKE)
+    if not isinstance(manifest["source"].get("hash"), str):
+        raise SlimlmError(f"{where}: 'source' lacks the source model's 'hash'", REMAKE)
+    if manifest["slimlm_format"] > FORMAT_VERSION:
         raise SlimlmError(f"{path} was written by a newer slimlm (format {manifest['slimlm_format']})", "upgrade slimlm")
+    for name, entry in manifest["layers"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("format"), str) and isinstance(entry.get("spec"), dict)):
+            raise SlimlmError(f"{where}: layer {name!r} needs a 'format' name and a 'spec' mapping", REMAKE)
     return manifest
+
+
+def _check_weights_file(weights: Path, manifest: dict[str, Any]) -> None:
+    """Size and sha256 recorded at save time (artifacts from before they were recorded skip this)."""
+    rec = manifest.get("weights")
+    if not isinstance(rec, dict):
+        return
+    size = weights.stat().st_size
+    if rec.get("bytes") is not None and size != rec["bytes"]:
+        raise SlimlmError(f"{weights} is {size} bytes, its manifest says {rec['bytes']} (truncated or replaced)", REMAKE)
+    if rec.get("sha256") and file_hash(weights) != rec["sha256"]:
+        raise SlimlmError(f"{weights} does not match the sha256 in its manifest (changed after it was written)", REMAKE)
 
 
 def load_artifact(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -138,21 +207,30 @@ def load_artifact(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel
     manifest = read_manifest(path)
     weights = path / WEIGHTS
     if not weights.is_file():
-        raise SlimlmError(f"{weights} is missing", "re-create the artifact with `slimlm compress`")
+        raise SlimlmError(f"{weights} is missing", REMAKE)
+    _check_weights_file(weights, manifest)
     try:
         state = load_file(str(weights))
     except Exception as exc:  # safetensors raises several types for damaged files
-        raise SlimlmError(f"{weights} is not a valid safetensors file ({exc})", "re-create the artifact with `slimlm compress`") from None
+        raise SlimlmError(f"{weights} is not a valid safetensors file ({exc})", REMAKE) from None
     config = AutoConfig.from_pretrained(str(path))
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config)
     model = model.to(dtype)
     for name, entry in manifest["layers"].items():
-        set_module(model, name, FORMATS.get(entry["format"]).empty(entry["spec"]))
+        fmt = FORMATS.get(entry["format"])  # an unknown name is one line with "did you mean"
+        try:
+            set_module(model, name, fmt.empty(entry["spec"]))
+        except (AttributeError, KeyError, TypeError, ValueError, IndexError) as exc:
+            raise SlimlmError(f"{path / MANIFEST}: layer {name!r} ({entry['format']}) does not fit this model ({exc})", REMAKE) from None
     for mod in model.modules():  # formats that share another module's tensors (a tied quantized head)
         if callable(getattr(mod, "bind", None)):
             mod.bind(model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes in the manifest's specs disagree with the stored tensors
+        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc).splitlines()[0])
+        raise SlimlmError(f"{weights} does not match its manifest's layer formats ({first})", REMAKE) from None
     head = model.get_output_embeddings()
     if getattr(model.config, "tie_word_embeddings", False) and getattr(head, "format", None) is None:
         model.tie_weights()
@@ -161,7 +239,7 @@ def load_artifact(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel
     if missing or unexpected:
         raise SlimlmError(
             f"{weights} does not match its manifest (missing {missing[:3]}, unexpected {unexpected[:3]})",
-            "re-create the artifact with `slimlm compress`",
+            REMAKE,
         )
     model.eval()
     tok = AutoTokenizer.from_pretrained(str(path))

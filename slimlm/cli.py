@@ -8,14 +8,26 @@ editing this file.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
+import os
 import pkgutil
 import sys
+import traceback
 from typing import Any, Sequence
 
 from slimlm import commands
+from slimlm.config import int_at_least
+from slimlm.devices import add_device_args
 from slimlm.errors import SlimlmError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line (not the usage block) and exits 2 like every bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} — see `{self.prog} --help`\n")
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -42,7 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from slimlm.models import load
     from slimlm.results import append_rows
 
-    lm = load(args.model, allow_pickle=args.allow_pickle)
+    lm = load(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     rows = evaluate(lm, data=args.data, window=args.window, max_tokens=args.max_tokens or None,
                     speed=not args.no_speed, progress=not args.json)
     path = append_rows(rows, args.results)
@@ -55,12 +67,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
+    from slimlm.artifact import check_output
     from slimlm.compress import compress
     from slimlm.models import load
     from slimlm.recipe import Recipe
 
     recipe = Recipe.load(args.recipe)  # validate before the (slow) model load
-    lm = load(args.model, allow_pickle=args.allow_pickle)
+    check_output(args.out, overwrite=args.overwrite)
+    lm = load(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     res = compress(lm, recipe, args.out, overwrite=args.overwrite)
     for r in res.reports:
         worst = max(r.layer_errors.items(), key=lambda kv: kv[1], default=("-", 0.0))
@@ -84,18 +98,20 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slimlm", description="Compress language models and measure what it costs and buys.")
+    p = Parser(prog="slimlm", description="Compress language models and measure what it costs and buys.")
+    p.add_argument("--debug", action="store_true", help="on an error, also print the underlying traceback")
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("model", help="`default`, a local HF folder, a .gguf file, or a slimlm artifact")
         sp.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt pickle checkpoints (runs code from the file)")
+        add_device_args(sp)
 
     e = sub.add_parser("eval", help="perplexity and efficiency of a model or artifact")
     model_args(e)
     e.add_argument("--data", default="auto", help="auto | shakespeare | wikitext2 | path to .txt file or folder")
-    e.add_argument("--window", type=int, default=512, help="perplexity window in tokens")
-    e.add_argument("--max-tokens", type=int, default=16384, help="evaluate the first N tokens (0 = all)")
+    e.add_argument("--window", type=int_at_least(2), default=512, help="perplexity window in tokens (≤ the model's context)")
+    e.add_argument("--max-tokens", type=int_at_least(0), default=16384, help="evaluate the first N tokens (0 = all)")
     e.add_argument("--no-speed", action="store_true", help="skip the latency/throughput measurement")
     e.add_argument("--json", action="store_true", help="print one JSON object per line")
     e.add_argument("--results", default=None, help="results file to append to (default slimlm-results/results.jsonl)")
@@ -114,25 +130,52 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: default model → RTN-8 and RTN-4 → before/after table")
     d.add_argument("--out", default="slimlm-out/demo", help="where the artifacts go")
     d.add_argument("--data", default="auto", help="evaluation text (auto = WikiText-2 if present, else Shakespeare)")
-    d.add_argument("--max-tokens", type=int, default=8192, help="perplexity tokens per model")
+    d.add_argument("--max-tokens", type=int_at_least(1), default=8192, help="perplexity tokens per model")
     d.add_argument("--results", default=None, help="results file to append to")
     d.set_defaults(func=cmd_demo)
 
     for name in sorted(m.name for m in pkgutil.iter_modules(commands.__path__)):
         importlib.import_module(f"slimlm.commands.{name}").add_parser(sub)
+    for sp in sub.choices.values():  # `slimlm eval … --debug` works as well as `slimlm --debug eval …`
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
+def _os_error(exc: OSError) -> SlimlmError:
+    """Disk full, read-only or unwritable output: one line naming the file and the fix."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return SlimlmError(f"no space left on the device{where}", "free disk space or write to another folder")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return SlimlmError(f"cannot write{where}: {exc.strerror}", "choose a folder you can write to")
+    return SlimlmError(f"{exc.strerror or exc}{where}", "check the path and the disk")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; every failure is one line on stderr (``--debug`` or SLIMLM_DEBUG=1 adds the traceback)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad option (2, one line): returned, so callers in-process see it
+        return exc.code if isinstance(exc.code, int) else 2
+    debug = getattr(args, "debug", False) or os.environ.get("SLIMLM_DEBUG") == "1"
     try:
         args.func(args)
-    except SlimlmError as exc:
-        print(f"slimlm: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("slimlm: interrupted", file=sys.stderr)
+        print("slimlm: interrupted (no partial output was left)", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 — the one place every failure is turned into one line
+        err = exc if isinstance(exc, SlimlmError) else _os_error(exc) if isinstance(exc, OSError) else None
+        if debug:
+            exc.__suppress_context__ = False  # show what a SlimlmError was raised from
+            traceback.print_exception(exc, file=sys.stderr)
+        if err is None:
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            print(f"slimlm: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                  f"(at {os.path.basename(where.filename)}:{where.lineno}) — rerun with --debug for the traceback "
+                  "and report it", file=sys.stderr)
+            return 1
+        print(f"slimlm: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -6,7 +6,8 @@ error rather than a silently ignored option.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+import argparse
+from typing import Any, Callable, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -42,10 +43,26 @@ class CalibrationConfig(StrictConfig):
     """Where calibration text comes from and how much of it (never the evaluation split)."""
 
     source: str = "shakespeare"
-    n_samples: int = 32
-    seqlen: int = 512
-    seed: int = 0
-    batch_size: int = 4
+    n_samples: int = Field(32, ge=1, le=100_000)
+    seqlen: int = Field(512, ge=2, description="tokens per window (≤ the model's context, checked at calibration)")
+    seed: int = Field(0, ge=0)
+    batch_size: int = Field(4, ge=1)
     propagate: Literal["compressed", "reference"] = Field(
         "compressed", description="what feeds each next block: the changed block's outputs (GPTQ's sequential "
         "mode) or the unchanged block's (one block forward less per block; no block errors reported)")
+
+
+def int_at_least(low: int, what: str = "a whole number") -> Callable[[str], int]:
+    """An argparse ``type=`` for integers ≥ ``low``: a bad value is one usage line, not a traceback later."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum of {low}")
+        return value
+
+    parse.__name__ = f"int ≥ {low}"  # argparse names the type in its messages
+    return parse

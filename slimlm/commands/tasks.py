@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from slimlm.config import int_at_least
 from slimlm.errors import SlimlmError
 
 
@@ -39,10 +40,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tasks", help="multiple-choice / generation / perplexity tasks (HellaSwag, PIQA, BLiMP, your JSONL)")
     p.add_argument("model", help="`default`, a local HF folder, a .gguf file, or a slimlm artifact")
     p.add_argument("--tasks", required=True, help="comma-separated: builtin names, task .yaml paths, or NAME=FILE.jsonl")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most N documents per task")
-    p.add_argument("--seed", type=int, default=None, help="sample the N documents with this seed (default: the first N)")
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="evaluate at most N documents per task")
+    p.add_argument("--seed", type=int_at_least(0), default=None, help="sample the N documents with this seed (default: the first N)")
     p.add_argument("--label", default=None, help="model name in the results (default: the model path)")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward batch")
+    p.add_argument("--batch-tokens", type=int_at_least(1), default=4096, help="tokens per forward batch")
     p.add_argument("--results", default=None, help="results JSONL to append to (a .db beside it is the store)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt pickle checkpoints")
     p.add_argument("--json", action="store_true", help="print one JSON object per task")

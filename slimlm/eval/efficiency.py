@@ -5,13 +5,14 @@ from __future__ import annotations
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from slimlm.devices import timer
+from slimlm.models.compat import cache_kwargs, output_cache
 from slimlm.models.load import LoadedModel
 
 PROMPT = (
@@ -52,17 +53,17 @@ def peak_rss_bytes() -> int:
 @torch.no_grad()
 def _greedy_run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """(seconds to first token, seconds for the remaining ``new_tokens - 1``), greedy with KV cache."""
-    t0 = time.perf_counter()
+    t0 = timer(ids.device)
     out = model(input_ids=ids, use_cache=True)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    ttft = time.perf_counter() - t0
-    past = out.past_key_values
-    t1 = time.perf_counter()
+    ttft = timer(ids.device) - t0
+    past = output_cache(out)
+    t1 = timer(ids.device)
     for _ in range(new_tokens - 1):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt, **cache_kwargs(model, past), use_cache=True)
+        past = output_cache(out)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    return ttft, time.perf_counter() - t1
+    return ttft, timer(ids.device) - t1
 
 
 def efficiency(lm: LoadedModel, *, prompt_tokens: int = 128, new_tokens: int = 64, repeats: int = 3) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from slimlm.models.compat import cache_kwargs, output_cache
 from slimlm.models.load import LoadedModel
 
 Pair = tuple[list[int], list[int]]  # (context token ids, continuation token ids)
@@ -162,7 +163,7 @@ class SlimlmLM:
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             if any(s in text for s in until):
                 break
-            out = self.model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=out.past_key_values,
-                             use_cache=True)
+            out = self.model(input_ids=torch.tensor([[nxt]], device=device),
+                             **cache_kwargs(self.model, output_cache(out)), use_cache=True)
         cut = min((text.index(s) for s in until if s in text), default=len(text))
         return text[:cut]

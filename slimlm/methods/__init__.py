@@ -35,9 +35,9 @@ class StepContext:
     def calib_ids(self) -> torch.Tensor:
         """Calibration token windows, drawn once and reused by every step of a recipe."""
         if self._calib_ids is None:
-            from slimlm.data import calibration_ids
+            from slimlm.data import calibration_ids, context_length
 
-            self._calib_ids = calibration_ids(self.tokenizer, self.calibration, self.bos_id)
+            self._calib_ids = calibration_ids(self.tokenizer, self.calibration, self.bos_id, context=context_length(self.model))
         return self._calib_ids
 
 

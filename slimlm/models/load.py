@@ -13,13 +13,15 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import nn
 
+from slimlm.devices import resolve_device, resolve_dtype
 from slimlm.errors import SlimlmError
 from slimlm.models.arch import Arch, arch_for
 
@@ -161,23 +163,33 @@ def _read_model_type(path: Path) -> str:
     return str(cfg.get("text_config", {}).get("model_type") if cfg.get("model_type") == "gemma3" else cfg.get("model_type"))
 
 
-def quiet_transformers() -> None:
-    """Weight-loading progress bars from transformers would bury slimlm's own one-line messages."""
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Inside slimlm's own loading calls only: transformers' progress bars and load-time notices would
+    bury slimlm's one-line messages. The caller's verbosity and progress-bar setting come back after,
+    so warnings from the user's own transformers calls (deprecations included) still show."""
     from transformers.utils import logging as hf_logging
 
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _load_hf(path: Path, dtype: torch.dtype, allow_pickle: bool) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quiet_transformers()
     arch_for(_read_model_type(path))  # fail early and clearly on unknown families
     _check_weights(path, allow_pickle)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=not allow_pickle or None)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=not allow_pickle or None)
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
         raise SlimlmError(f"transformers could not load {path}: {str(exc).splitlines()[0]}", "check the folder is a complete causal-LM checkpoint") from None
     return model.eval(), tokenizer
@@ -188,8 +200,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        ggm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            ggm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:
         raise SlimlmError(f"could not read GGUF {gguf}: {str(exc).splitlines()[0]}", "check the file is a complete GGUF of a supported architecture") from None
     # GGUF-loaded models refuse save_pretrained: rebuild a plain model and copy the weights over.
@@ -202,7 +215,11 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     try:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process finished the same conversion first: keep its copy
+            if not (out / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -216,9 +233,18 @@ def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, str, Pat
     return model, tok, digest, converted
 
 
-def load(source: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> LoadedModel:
-    """Load ``default`` (SmolLM2-135M), ``gemma3-270m``, a ``.gguf`` file, a Hugging Face folder or an artifact."""
-    src = str(source)
+def load(source: str | os.PathLike[str], *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+         allow_pickle: bool = False) -> LoadedModel:
+    """Load ``default`` (SmolLM2-135M), ``gemma3-270m``, a ``.gguf`` file, a Hugging Face folder or an artifact,
+    in ``dtype`` on ``device`` (see :mod:`slimlm.devices`; weights are read on the CPU, then moved)."""
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    lm = _load_cpu(str(source), dt, allow_pickle)
+    if dev.type != "cpu":
+        lm.model.to(dev)
+    return lm
+
+
+def _load_cpu(src: str, dtype: torch.dtype, allow_pickle: bool) -> LoadedModel:
     if src in BUILTIN_SOURCES:
         model, tok, digest, folder = _load_gguf(BUILTIN_SOURCES[src](), dtype)
         kind = "default" if src == "default" else "gguf"

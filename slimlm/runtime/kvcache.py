@@ -23,6 +23,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from slimlm.errors import SlimlmError
+from slimlm.models.compat import cache_kwargs
 
 KV_BITS = (4, 8)
 
@@ -100,7 +101,7 @@ class QuantizedKVLayer(DynamicLayer):
 
 
 class QuantizedKVCache(Cache):
-    """A cache of :class:`QuantizedKVLayer`, one per decoder layer; pass as ``past_key_values``."""
+    """A cache of :class:`QuantizedKVLayer`, one per decoder layer; pass through ``slimlm.models.compat.cache_kwargs``."""
 
     def __init__(self, config: Any, bits: int = 8, group_size: int | None = None) -> None:
         if bits not in KV_BITS:
@@ -137,8 +138,8 @@ def generate_with_kv(model: nn.Module, ids: torch.Tensor, kv_bits: int | None = 
     """Greedy ``model.generate`` with a (quantized) cache; returns (ids (B, T + new), the cache)."""
     cache = make_cache(model, kv_bits, group_size)
     ids = ids if ids.dim() == 2 else ids[None]
-    out = model.generate(ids.to(next(model.parameters()).device), past_key_values=cache, max_new_tokens=max_new_tokens,
-                         do_sample=False, **generate_kwargs)
+    out = model.generate(ids.to(next(model.parameters()).device), **cache_kwargs(model, cache),
+                         max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
     return out, cache
 
 
@@ -152,11 +153,11 @@ def cached_perplexity(model: nn.Module, ids: torch.Tensor, *, prefix: int, chunk
     device = next(model.parameters()).device
     cache = make_cache(model, kv_bits, group_size)
     ids = ids.to(device)
-    last = model(input_ids=ids[None, :prefix], past_key_values=cache, use_cache=True).logits[0, -1:].float()
+    last = model(input_ids=ids[None, :prefix], **cache_kwargs(model, cache), use_cache=True).logits[0, -1:].float()
     nll, count = 0.0, 0
     for start in range(prefix, len(ids), chunk):
         piece = ids[start : start + chunk]
-        logits = model(input_ids=piece[None], past_key_values=cache, use_cache=True).logits[0].float()
+        logits = model(input_ids=piece[None], **cache_kwargs(model, cache), use_cache=True).logits[0].float()
         pred = torch.cat([last, logits[:-1]])  # (len(piece), vocab): logit for each token of the piece
         nll += float(F.cross_entropy(pred, piece, reduction="sum"))
         count += piece.numel()

@@ -8,7 +8,6 @@ item with an empty context. Generation is greedy with exact-match / contains sco
 
 from __future__ import annotations
 
-import importlib
 import math
 import random
 import re
@@ -25,16 +24,6 @@ from slimlm.models.load import LoadedModel
 from slimlm.results import run_metadata
 
 
-def _hook(ref: str) -> Any:
-    if ":" not in ref:
-        return HOOKS.get(ref)
-    mod, _, attr = ref.partition(":")
-    try:
-        return getattr(importlib.import_module(mod), attr)
-    except (ImportError, AttributeError) as exc:
-        raise SlimlmError(f"task hook {ref!r} cannot be imported ({exc})", "use `module:function` of an importable module") from None
-
-
 def select(n: int, limit: int | None, seed: int | None) -> list[int]:
     """The first ``limit`` indices, or a ``seed``-ed random sample of them (kept in file order)."""
     if limit is None or limit >= n:
@@ -47,7 +36,7 @@ def load_docs(spec: TaskSpec) -> list[Doc]:
     docs = READERS.get(spec.reader)(spec.path, **spec.reader_options)
     docs = [docs[i] for i in select(len(docs), spec.limit, spec.seed)]
     if spec.process_doc:
-        fn = _hook(spec.process_doc)
+        fn = HOOKS.get(spec.process_doc)  # a registered name only (checked when the spec was read)
         docs = [fn(d) for d in docs]
     return docs
 

@@ -1,7 +1,8 @@
 """Task definitions as data: a YAML file per task (shipped ones in ``defs/``, or the user's own).
 
-A task names a reader (how to read the file), an optional Python hook (how to reshape each raw
-document), and format strings that turn a document into a context and its choices, in the manner
+A task names a reader (how to read the file), an optional registered hook (how to reshape each raw
+document; a name in :data:`slimlm.eval.tasks.hooks.HOOKS`, never a module path, so a task file
+cannot make slimlm import code), and format strings that turn a document into a context and its choices, in the manner
 of lm-evaluation-harness's ``doc_to_text`` / ``doc_to_choice`` / ``doc_to_target``.
 """
 
@@ -11,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slimlm.errors import SlimlmError
+from slimlm.eval.tasks.hooks import HOOKS
 
 DEFS = Path(__file__).parent / "defs"
 TaskType = Literal["multiple_choice", "generation", "perplexity"]
@@ -38,12 +40,12 @@ class TaskSpec(BaseModel):
     delimiter: str = " "
     answers: str = "answers"
     until: list[str] = ["\n"]
-    max_gen_toks: int = 32
-    window: int = 512
-    max_tokens: int | None = None
+    max_gen_toks: int = Field(32, ge=1)
+    window: int = Field(512, ge=2)
+    max_tokens: int | None = Field(None, ge=2)
     metrics: list[str] = []
-    limit: int | None = None
-    seed: int | None = None
+    limit: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0)
 
 
 def builtin_tasks() -> list[str]:
@@ -59,12 +61,22 @@ def _parse(text: str, where: str) -> TaskSpec:
         raise SlimlmError(f"{where}{line}: invalid YAML ({getattr(exc, 'problem', exc)})", "fix the task file's syntax") from None
     if not isinstance(raw, dict):
         raise SlimlmError(f"{where}: a task file must be a YAML mapping", "see docs/evaluation.md for the task format")
+    return _validated(raw, where)
+
+
+def _validated(raw: dict[str, Any], where: str) -> TaskSpec:
     try:
-        return TaskSpec(**raw)
+        spec = TaskSpec(**raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
         raise SlimlmError(f"{where}: task field {field!r}: {err['msg']}", "see docs/evaluation.md for the task format") from None
+    if spec.process_doc is not None and spec.process_doc not in HOOKS.names():
+        raise SlimlmError(
+            f"{where}: process_doc {spec.process_doc!r} is not a registered hook (task files may not import code)",
+            f"use one of {', '.join(HOOKS.names())}, or register yours from Python: "
+            "slimlm.eval.tasks.hooks.HOOKS.register(name, fn)")
+    return spec
 
 
 def load_task(ref: str, **overrides: Any) -> TaskSpec:
@@ -86,4 +98,4 @@ def load_task(ref: str, **overrides: Any) -> TaskSpec:
         raise SlimlmError(f"unknown task {name!r}", hint)
     if data:
         overrides = {"path": data, "reader": "text" if spec.type == "perplexity" else "jsonl", "reader_options": {}, **overrides}
-    return spec.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    return _validated({**spec.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}, name)
