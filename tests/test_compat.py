@@ -103,3 +103,26 @@ def test_load_moves_the_model_to_the_device_and_dtype(tmp_path, tiny_llama) -> N
     assert p.device.type == device and p.dtype is torch.bfloat16
     with torch.no_grad():
         assert lm.model(input_ids=torch.tensor([[1, 2]], device=device)).logits.shape == (1, 2, 64)
+
+
+def test_real_model_round_trip(small_default, shakespeare_eval, tmp_path) -> None:
+    """The default model (2 blocks) through load → perplexity → cached decode → RTN-4 → save → reload."""
+    import slimlm
+    from slimlm.eval.quality import perplexity
+    from slimlm.runtime.kvcache import cached_perplexity, generate_with_kv
+
+    lm = small_default(2)
+    ppl = perplexity(lm.model, lm.tokenizer, shakespeare_eval, window=128, max_tokens=300, progress=False)
+    assert ppl["tokens"] >= 100 and ppl["perplexity"] > 1
+    ids = lm.tokenizer("To be, or not to be, that is the question", return_tensors="pt").input_ids[0]
+    cached = cached_perplexity(lm.model, ids, prefix=4, chunk=3)
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids[None]).logits[0, 3:-1].float()
+    full = float(torch.nn.functional.cross_entropy(logits, ids[4:]))
+    assert abs(cached["nll"] - full) < 1e-4
+    out, _ = generate_with_kv(lm.model, ids[:6], kv_bits=None, max_new_tokens=4)
+    assert out.shape == (1, 10)
+    res = slimlm.compress(lm, "steps:\n  - rtn: {bits: 4, group_size: 128}\n", out=tmp_path / "art")
+    again = slimlm.load(tmp_path / "art")
+    with torch.no_grad():
+        assert torch.equal(res.model.model(input_ids=ids[None]).logits, again.model(input_ids=ids[None]).logits)

@@ -7,6 +7,7 @@ import argparse
 import json
 
 from slimlm.config import int_at_least
+from slimlm.devices import add_device_args
 from slimlm.errors import SlimlmError
 
 
@@ -20,7 +21,7 @@ def cmd_tasks(args: argparse.Namespace) -> None:
         raise SlimlmError("no tasks given", f"pass --tasks with one or more of: {', '.join(builtin_tasks())}")
     for ref in refs:  # unknown or malformed tasks fail before the model loads
         load_task(ref)
-    lm = load(args.model, allow_pickle=args.allow_pickle)
+    lm = load(args.model, allow_pickle=args.allow_pickle, device=args.device, dtype=args.dtype)
     rows = task_rows(lm, refs, limit=args.limit, seed=args.seed, label=args.label, batch_tokens=args.batch_tokens)
     path = append_rows(rows, args.results)
     if args.json:
@@ -47,4 +48,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--results", default=None, help="results JSONL to append to (a .db beside it is the store)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt pickle checkpoints")
     p.add_argument("--json", action="store_true", help="print one JSON object per task")
+    add_device_args(p)
     p.set_defaults(func=cmd_tasks)
