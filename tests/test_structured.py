@@ -17,6 +17,7 @@ from slimlm.data import calibration_ids
 from slimlm.errors import SlimlmError
 from slimlm.methods.prune.width import WidthConfig, group_importance, neuron_importance, plan_width
 from slimlm.models.arch import blocks
+from slimlm.models.compat import cache_kwargs, output_cache
 from slimlm.models.load import count_params
 
 CALIB = "calibration: {n_samples: 4, seqlen: 64, batch_size: 4}\n"
@@ -39,8 +40,8 @@ def assert_plain_reload_matches(lm: slimlm.LoadedModel, folder) -> AutoModelForC
     assert torch.equal(ours, theirs)
     # KV-cache indexing after renumbering: cached decoding equals a full forward on the same tokens
     full = plain(input_ids=theirs[:, :-1]).logits[:, -1]
-    past = plain(input_ids=theirs[:, :-2], use_cache=True).past_key_values
-    step = plain(input_ids=theirs[:, -2:-1], past_key_values=past, use_cache=True).logits[:, -1]
+    past = output_cache(plain(input_ids=theirs[:, :-2], use_cache=True))
+    step = plain(input_ids=theirs[:, -2:-1], **cache_kwargs(plain, past), use_cache=True).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=0, atol=1e-4)
     return plain
 
