@@ -94,11 +94,13 @@ def test_driver_feeds_changed_or_reference_outputs_forward(fresh_default, propag
         assert not torch.allclose(seen[2], hidden[2], atol=1e-2)
 
 
+@pytest.mark.slow  # ~1 min each on 2 cores: a full-model compress plus 4,096 scored tokens
 def test_rtn8_perplexity_within_one_percent(fresh_default, eval_text, fp_ppl) -> None:
     slimlm.compress(fresh_default, "steps: [{rtn: {bits: 8, group_size: -1}}]\n")
     assert _ppl(fresh_default, eval_text) / fp_ppl < 1.01
 
 
+@pytest.mark.slow
 def test_rtn4_g128_floor_round_trip_and_size(default_lm, fresh_default, eval_text, fp_ppl, tmp_path) -> None:
     out = tmp_path / "rtn4"
     res = slimlm.compress(fresh_default, "recipes/rtn4.yaml", out)
