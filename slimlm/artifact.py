@@ -18,16 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.layers import FORMATS
-from slimlm.models.arch import set_module
-from slimlm.models.load import MANIFEST, LoadedModel, make_info
+from slimlm.models.info import MANIFEST, LoadedModel
+from slimlm.models.manifest import FORMAT_VERSION, WEIGHTS, load_artifact, read_manifest
+from slimlm.version import __version__
 
-WEIGHTS = "model.safetensors"
-FORMAT_VERSION = 1
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -91,7 +90,7 @@ def save_artifact(lm: LoadedModel, out: str | Path, *, recipe_yaml: str, storage
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         manifest = {
             "slimlm_format": FORMAT_VERSION,
-            "slimlm_version": _version(),
+            "slimlm_version": __version__,
             "git_hash": git_hash(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
@@ -114,57 +113,4 @@ def save_artifact(lm: LoadedModel, out: str | Path, *, recipe_yaml: str, storage
     return out
 
 
-def _version() -> str:
-    from slimlm import __version__
-
-    return __version__
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except json.JSONDecodeError as exc:
-        raise SlimlmError(f"{path / MANIFEST} is not valid JSON ({exc})", "re-create the artifact with `slimlm compress`") from None
-    if manifest.get("slimlm_format", 0) > FORMAT_VERSION:
-        raise SlimlmError(f"{path} was written by a newer slimlm (format {manifest['slimlm_format']})", "upgrade slimlm")
-    return manifest
-
-
-def load_artifact(path: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Rebuild the model skeleton, swap in the recorded layer formats, then load the weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.initialization import no_init_weights
-
-    manifest = read_manifest(path)
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise SlimlmError(f"{weights} is missing", "re-create the artifact with `slimlm compress`")
-    try:
-        state = load_file(str(weights))
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise SlimlmError(f"{weights} is not a valid safetensors file ({exc})", "re-create the artifact with `slimlm compress`") from None
-    config = AutoConfig.from_pretrained(str(path))
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    model = model.to(dtype)
-    for name, entry in manifest["layers"].items():
-        set_module(model, name, FORMATS.get(entry["format"]).empty(entry["spec"]))
-    for mod in model.modules():  # formats that share another module's tensors (a tied quantized head)
-        if callable(getattr(mod, "bind", None)):
-            mod.bind(model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    head = model.get_output_embeddings()
-    if getattr(model.config, "tie_word_embeddings", False) and getattr(head, "format", None) is None:
-        model.tie_weights()
-        tied = {k for k in missing if k.endswith("lm_head.weight")}
-        missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise SlimlmError(
-            f"{weights} does not match its manifest (missing {missing[:3]}, unexpected {unexpected[:3]})",
-            "re-create the artifact with `slimlm compress`",
-        )
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(str(path))
-    recipe = (path / "recipe.yaml").read_text() if (path / "recipe.yaml").is_file() else None
-    info = make_info(model, tok, str(path), "artifact", manifest["source"]["hash"], recipe, weights_dir=path)
-    return LoadedModel(model, tok, info)
+__all__ = ["DTYPES", "FORMAT_VERSION", "WEIGHTS", "load_artifact", "read_manifest", "save_artifact", "storage_round"]
