@@ -94,7 +94,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from slimlm.demo import run_demo
 
-    run_demo(out=args.out, data=args.data, max_tokens=args.max_tokens, results=args.results)
+    run_demo(out=args.out, data=args.data, max_tokens=args.max_tokens, results=args.results, show=print_table)
 
 
 def build_parser() -> argparse.ArgumentParser:

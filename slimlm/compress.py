@@ -1,18 +1,24 @@
-"""Apply a recipe to a model, step by step, and optionally save the artifact."""
+"""Apply a recipe to a model, step by step, and finalise it (compact, round, optionally save).
+
+Every path that produces an artifact — ``compress`` and ``slimlm distill`` — ends in :func:`finalise`,
+so pruned layers are compacted and floats rounded through the storage dtype the same way everywhere.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from slimlm.artifact import DTYPES, save_artifact, storage_round
 from slimlm.errors import SlimlmError
 from slimlm.layers.sparse import compact_sparse
 from slimlm.memory import compact_heap
-from slimlm.methods import METHODS, StepContext, StepReport
-from slimlm.models.load import LoadedModel, count_params, load, make_info
-from slimlm.recipe import Recipe
+from slimlm.methods import METHODS, StepContext, StepReport, refusal
+from slimlm.models.info import LoadedModel, count_params, make_info
+from slimlm.models.load import load
+from slimlm.recipe import Recipe, Step
 
 
 @dataclass
@@ -29,6 +35,47 @@ def _as_recipe(recipe: Recipe | str | Path) -> Recipe:
     return Recipe.from_yaml(text) if "\n" in text or text.lstrip().startswith("{") else Recipe.load(text)
 
 
+def check_steps(lm: LoadedModel, steps: list[Step]) -> None:
+    """Refuse, before any work, a step whose declared needs this model cannot meet (one line)."""
+    for i, step in enumerate(steps, start=1):
+        reason = refusal(step.method, step.config, lm.model, lm.arch)
+        if reason:
+            raise SlimlmError(f"step {i} {reason}", "drop or change this step for this model (see docs/architectures.md)")
+
+
+def step_context(lm: LoadedModel, recipe: Recipe) -> StepContext:
+    bos = lm.tokenizer.bos_token_id if lm.info.add_bos else None
+    return StepContext(lm.model, lm.arch, lm.tokenizer, recipe.calibration, lm.info.source, bos_id=bos)
+
+
+def run_steps(ctx: StepContext, steps: list[Step]) -> list[StepReport]:
+    return [METHODS.get(step.method).run(ctx, step.config) for step in steps]
+
+
+def dense_prefix(steps: list[Step]) -> int:
+    """How many leading steps leave trainable dense layers (training may follow them)."""
+    for i, step in enumerate(steps):
+        if not METHODS.get(step.method).keeps_dense(step.config):
+            return i
+    return len(steps)
+
+
+def finalise(lm: LoadedModel, *, recipe_yaml: str, storage_dtype: str, out: str | Path | None = None,
+             report: dict[str, Any] | None = None, overwrite: bool = False) -> tuple[LoadedModel, Path | None]:
+    """Compact pruned layers, round floats through the storage dtype (so a reload is bit-identical),
+    refresh the model facts and, with ``out``, write the artifact atomically."""
+    compact_sparse(lm.model, DTYPES[storage_dtype])  # pruned layers → compact formats (layers/sparse.py)
+    storage_round(lm.model, storage_dtype)
+    info = make_info(lm.model, lm.tokenizer, lm.info.source, lm.info.source_kind, lm.info.source_hash, recipe_yaml)
+    result = LoadedModel(lm.model, lm.tokenizer, info)
+    saved = None
+    if out is not None:
+        saved = save_artifact(result, out, recipe_yaml=recipe_yaml, storage_dtype=storage_dtype, report=report or {},
+                              overwrite=overwrite)
+        info.weights_dir = str(saved)
+    return result, saved
+
+
 def compress(source: str | Path | LoadedModel, recipe: Recipe | str | Path, out: str | Path | None = None,
              *, overwrite: bool = False) -> CompressResult:
     """Compress ``source`` with ``recipe`` (object, YAML text or path); save to ``out`` if given.
@@ -40,23 +87,13 @@ def compress(source: str | Path | LoadedModel, recipe: Recipe | str | Path, out:
     if out is not None and Path(out).exists() and not overwrite:
         raise SlimlmError(f"output folder {out} already exists", "choose another --out or pass --overwrite")
     lm = source if isinstance(source, LoadedModel) else load(source)
+    check_steps(lm, recipe.steps)
     source_params = count_params(lm.model)
-    bos = lm.tokenizer.bos_token_id if lm.info.add_bos else None
-    ctx = StepContext(lm.model, lm.arch, lm.tokenizer, recipe.calibration, lm.info.source, bos_id=bos)
-    reports = []
+    ctx = step_context(lm, recipe)
     t0 = time.perf_counter()
     with compact_heap():  # freed layer-sized temporaries go back to the OS (slimlm/memory.py)
-        for step in recipe.steps:
-            reports.append(METHODS.get(step.method).run(ctx, step.config))
-        compact_sparse(lm.model, DTYPES[recipe.storage_dtype])  # pruned layers → compact formats (layers/sparse.py)
-        storage_round(lm.model, recipe.storage_dtype)
-    recipe_yaml = recipe.to_yaml()
-    info = make_info(lm.model, lm.tokenizer, lm.info.source, lm.info.source_kind, lm.info.source_hash, recipe_yaml)
-    result_lm = LoadedModel(lm.model, lm.tokenizer, info)
-    saved = None
-    if out is not None:
-        report = {"seconds": time.perf_counter() - t0, "source_params": source_params, "steps": [asdict(r) for r in reports]}
-        saved = save_artifact(result_lm, out, recipe_yaml=recipe_yaml, storage_dtype=recipe.storage_dtype,
-                              report=report, overwrite=overwrite)
-        info.weights_dir = str(saved)
-    return CompressResult(result_lm, reports, saved)
+        reports = run_steps(ctx, recipe.steps)
+        report = {"source_params": source_params, "steps": [asdict(r) for r in reports]}
+        result, saved = finalise(lm, recipe_yaml=recipe.to_yaml(), storage_dtype=recipe.storage_dtype, out=out,
+                                 report=report | {"seconds": time.perf_counter() - t0}, overwrite=overwrite)
+    return CompressResult(result, reports, saved)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from slimlm.compress import compress
 from slimlm.eval.run import evaluate, resolve_eval_source
@@ -16,10 +17,10 @@ DEMO_RECIPES = {
 }
 
 
-def run_demo(out: str = "slimlm-out/demo", data: str = "auto", max_tokens: int = 8192, results: str | None = None) -> list[dict]:
-    """Evaluate fp32, RTN-8 and RTN-4 g128 of the default model; print a before/after table."""
-    from slimlm.cli import print_table
-
+def run_demo(out: str = "slimlm-out/demo", data: str = "auto", max_tokens: int = 8192, results: str | None = None,
+             show: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Evaluate fp32, RTN-8 and RTN-4 g128 of the default model; ``show`` prints the before/after table
+    (the CLI passes its own table printer, so this module needs nothing from the CLI)."""
     source = resolve_eval_source(data)
     print(f"slimlm demo: SmolLM2-135M (default) — perplexity on {source}, first {max_tokens} tokens, 512-token windows")
     rows = evaluate(load("default"), data=source, max_tokens=max_tokens, label="fp32 (default)")
@@ -28,7 +29,8 @@ def run_demo(out: str = "slimlm-out/demo", data: str = "auto", max_tokens: int =
         compress("default", Recipe.from_yaml(text), folder, overwrite=True)
         rows += evaluate(load(folder), data=source, max_tokens=max_tokens, label=name)  # reloaded from disk
     path = append_rows(rows, results)
-    print()
-    print_table(rows)
+    if show is not None:
+        print()
+        show(rows)
     print(f"\nartifacts: {Path(out).resolve()}/{{{','.join(DEMO_RECIPES)}}}\nresults:   {path.resolve()}")
     return rows

@@ -24,7 +24,7 @@ from slimlm.methods.linear import LinearStepConfig, require_finite_weights, sele
 from slimlm.methods.quant.gptq import gptq_quantize
 from slimlm.methods.quant.grid import round_to_nearest
 from slimlm.methods.quant.rtn import check_group_sizes, resolve_group_size
-from slimlm.models.arch import blocks, get_module
+from slimlm.models.arch import blocks, final_softcap, get_module
 from slimlm.models.load import LoadedModel
 
 METRICS = ("kl", "nll")
@@ -48,7 +48,7 @@ def _log_probs(model: nn.Module, lm: LoadedModel, hidden: list[torch.Tensor]) ->
     """(n, T, vocab) log-probabilities from the last block's outputs."""
     norm = get_module(model, lm.arch.final_norm)
     head = get_module(model, lm.arch.lm_head)
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    cap = final_softcap(model.config, lm.arch)
     logits = head(norm(torch.cat(hidden))).float()
     if cap:
         logits = torch.tanh(logits / cap) * cap

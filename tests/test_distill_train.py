@@ -11,6 +11,7 @@ import torch
 import slimlm
 from slimlm.distill import DistillConfig, train
 from slimlm.distill.lora import QuantLoraLinear, add_lora, load_adapters, merge_lora, save_adapters
+from slimlm.methods.quant.rtn import requantize_like
 from slimlm.errors import SlimlmError
 from slimlm.eval import perplexity
 from slimlm.layers.quant import QuantLinear
@@ -127,10 +128,10 @@ def test_qlora_on_packed_4bit_trains_merges_and_saves(tmp_path, default_lm) -> N
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, ref, atol=1e-4)
 
-    dense = merge_lora(peft_model, requantize=False)  # exact fold of scaling·B·A into dequantized weights
+    dense = merge_lora(peft_model)  # exact fold of scaling·B·A into dequantized weights
     with torch.no_grad():
         assert torch.allclose(dense(input_ids=ids).logits, ref, atol=1e-3)
-    packed = merge_lora(reloaded)  # re-rounded onto a 4-bit grid of the same group size
+    packed = merge_lora(reloaded, requantize=requantize_like)  # re-rounded onto a 4-bit grid of the same group size
     q = packed.model.layers[0].mlp.down_proj
     assert isinstance(q, QuantLinear) and q.bits == 4 and q.group_size == 64
     w = dense.model.layers[0].mlp.down_proj.weight

@@ -12,6 +12,7 @@ packed size.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -20,7 +21,7 @@ from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.layers.quant import QuantLinear
-from slimlm.methods.prune.masks import pruned_zeros, restore_zeros
+from slimlm.layers.sparse import pruned_zeros, restore_zeros
 from slimlm.models.arch import Arch, set_module
 
 
@@ -56,7 +57,7 @@ class QuantLoraLinear(nn.Module, LoraLayer):
 
 def target_leaves(arch: Arch) -> list[str]:
     """Leaf names of every block linear (q, k, v, o, gate, up, down) — architecture data, not a per-model list."""
-    return [n for n in (arch.q, arch.k, arch.v, arch.o, arch.gate, arch.up, arch.down) if n]
+    return list(dict.fromkeys(n for n in (arch.q, arch.k, arch.v, arch.o, arch.gate, arch.up, arch.down) if n))
 
 
 def lora_config(arch: Arch, r: int, alpha: float, dropout: float = 0.0) -> LoraConfig:
@@ -92,19 +93,15 @@ def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
     return PeftModel.from_pretrained(model, str(folder), config=cfg)
 
 
-def _requantize_like(base: QuantLinear, w: torch.Tensor) -> QuantLinear:
-    from slimlm.methods.quant.grid import round_to_nearest
-
-    symmetric = bool((base.zeros == 2 ** (base.bits - 1)).all())
-    bias = None if base.bias is None else base.bias.detach()
-    return QuantLinear.from_quantized(round_to_nearest(w, base.bits, base.group_size, symmetric), bias)
+Requantizer = Callable[[QuantLinear, torch.Tensor], nn.Module]
 
 
 @torch.no_grad()
-def merge_lora(peft_model: nn.Module, requantize: bool = True) -> nn.Module:
+def merge_lora(peft_model: nn.Module, requantize: Requantizer | None = None) -> nn.Module:
     """Fold every adapter into its base weight and return the plain model (peft wrappers removed).
 
-    A packed base becomes a re-rounded :class:`QuantLinear` (``requantize``) or a dense ``nn.Linear``.
+    A packed base becomes ``requantize(base, merged weight)`` — e.g. a re-rounded :class:`QuantLinear`
+    from :func:`slimlm.methods.quant.rtn.requantize_like` — or, without one, a dense ``nn.Linear``.
     Weights a pruning step zeroed stay zero: the dense adapter delta is masked to the kept weights.
     """
     zeros = pruned_zeros(peft_model.get_base_model())
@@ -116,8 +113,8 @@ def merge_lora(peft_model: nn.Module, requantize: bool = True) -> nn.Module:
         for adapter in mod.active_adapters:
             if adapter in mod.lora_A:
                 w = w + mod.delta_weight(adapter).to(w.dtype)
-        if requantize:
-            new = _requantize_like(base, w)
+        if requantize is not None:
+            new = requantize(base, w)
         else:
             new = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None).to(w.device)
             new.weight.copy_(w)

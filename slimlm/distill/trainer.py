@@ -40,7 +40,7 @@ from slimlm.config import StrictConfig
 from slimlm.distill.data import TopKCache, dense_from_topk, pair_batch, read_pairs, tensor_digest, text_windows, topk_log_probs
 from slimlm.distill.losses import LOSS_NAMES, check_loss, divergence, hidden_mse, lm_loss, teacher_log_probs, uniform_layer_map
 from slimlm.errors import SlimlmError
-from slimlm.methods.prune.masks import pruned_zeros, restore_zeros
+from slimlm.layers.sparse import pruned_zeros, restore_zeros
 
 
 class DistillConfig(StrictConfig):

@@ -10,10 +10,12 @@ Three formats, all exact (the dense weight they decode to is bit-identical to th
   (the SparseGPT joint sparse + int4 result): ``1 + 4·density`` bits per weight at 4 bits.
 
 How layers get here: pruning methods leave plain ``nn.Linear`` layers with exact zeros (so later
-steps such as RTN/GPTQ still see ordinary linears) and record the layer names on the model under
-:data:`SPARSE_ATTR`; :func:`compact_sparse`, run by ``slimlm.compress`` after the last step, converts
-each recorded layer — still a plain linear, or now a ``QuantLinear`` whose zeros survived
-quantization — into an exact format above (N:M layout for N:M patterns, else the bitmask), only where that saves bytes.
+steps such as RTN/GPTQ still see ordinary linears) and mark each pruned *module* with its pattern
+(attribute :data:`SPARSE_ATTR`). The mark travels with the module — through layer drop's
+renumbering, and onto the layer that replaces it (``slimlm.models.arch.set_module``) — so no table of
+names can go stale. :func:`compact_sparse`, run when an artifact is finalised, converts each marked
+layer — still a plain linear, or now a ``QuantLinear`` whose zeros survived quantization — into an
+exact format above (N:M layout for N:M patterns, else the bitmask), only where that saves bytes.
 
 CPU runtime: measured on this project's 2-core CPU, ``torch.sparse`` CSR matmuls are 3–15×
 *slower* than a dense matmul at 50 % sparsity, and semi-structured (2:4) kernels are
@@ -33,7 +35,7 @@ from torch import nn
 from slimlm.layers import register_format
 from slimlm.layers.quant import QuantLinear, dequantize, pack_bits, unpack_bits
 
-SPARSE_ATTR = "slimlm_sparse"  # model attribute {module name: "unstructured" | "n:m"} set by pruning steps
+SPARSE_ATTR = "slimlm_sparse"  # module attribute: "unstructured" | "n:m", set by pruning steps on the layers they prune
 
 
 class _CachedDense(nn.Module):
@@ -248,21 +250,51 @@ def compact_layer(mod: nn.Module, pattern: str, dtype: torch.dtype) -> nn.Module
     stored = sum(b.numel() * b.element_size() for b in new.buffers())
     return new if stored < w.numel() * torch.finfo(dtype).bits // 8 else None
 
+def mark_sparse(module: nn.Module, pattern: str) -> None:
+    """Record on ``module`` itself that a pruning step left exact zeros in it with ``pattern``."""
+    setattr(module, SPARSE_ATTR, pattern)
+
+
+def sparse_pattern(module: nn.Module) -> str | None:
+    return getattr(module, SPARSE_ATTR, None)
+
+
+def _marked(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, child name, child) for every marked module, found where it sits now."""
+    return [(parent, leaf, child) for parent in model.modules() for leaf, child in parent.named_children()
+            if sparse_pattern(child) is not None]
+
+
 @torch.no_grad()
 def compact_sparse(model: nn.Module, dtype: torch.dtype = torch.float16) -> dict[str, str]:
-    """Convert every layer recorded under :data:`SPARSE_ATTR` to a compact format; returns {name: format}."""
-    from slimlm.models.arch import set_module
-
+    """Convert every marked layer to a compact format; returns {name: format} of those converted."""
+    names = {id(m): n for n, m in model.named_modules()}
     done: dict[str, str] = {}
-    for name, pattern in getattr(model, SPARSE_ATTR, {}).items():
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:  # the layer was removed by a later step (e.g. layer drop)
-            continue
-        new = compact_layer(mod, pattern, dtype)
+    for parent, leaf, mod in _marked(model):
+        new = compact_layer(mod, sparse_pattern(mod), dtype)  # type: ignore[arg-type]
+        delattr(mod, SPARSE_ATTR)
         if new is not None:
-            set_module(model, name, new)
-            done[name] = new.format
-    if hasattr(model, SPARSE_ATTR):
-        delattr(model, SPARSE_ATTR)
+            setattr(parent, leaf, new)
+            done[names[id(mod)]] = new.format
     return done
+
+
+def pruned_zeros(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
+    """Weight → (out, in) mask of its exact zeros, for every dense layer a pruning step marked.
+
+    Training after pruning (recovery, distillation, merged LoRA) must put these zeros back after
+    each update, or the sparsity — and the compact storage it buys at the end — is silently lost.
+    Layers under a peft adapter are read through their ``base_layer`` (peft keeps the marked module there).
+    """
+    zeros: dict[nn.Parameter, torch.Tensor] = {}
+    for mod in model.modules():
+        if sparse_pattern(mod) is not None and isinstance(mod, nn.Linear):
+            zeros[mod.weight] = mod.weight.detach() == 0
+    return zeros
+
+
+@torch.no_grad()
+def restore_zeros(zeros: dict[nn.Parameter, torch.Tensor]) -> None:
+    """Set the recorded zeros of :func:`pruned_zeros` back to zero, in place."""
+    for weight, mask in zeros.items():
+        weight.masked_fill_(mask, 0)

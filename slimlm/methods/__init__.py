@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from slimlm.config import CalibrationConfig, StepConfig
-from slimlm.models.arch import Arch
+from slimlm.models.arch import Arch, unmet
 from slimlm.registry import Registry
 
 
@@ -52,22 +52,52 @@ class StepReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _always(cfg: Any) -> bool:
+    return True
+
+
+def _never(cfg: Any) -> bool:
+    return False
+
+
+def _nothing(cfg: Any) -> frozenset[str]:
+    return frozenset()
+
+
 @dataclass(frozen=True)
 class Method:
+    """A registered step. ``needs``: architecture facts the step relies on for this config (names in
+    :data:`slimlm.models.arch.NEEDS`), checked for every step before a recipe does any work.
+    ``keeps_dense``: the step leaves trainable dense layers (pruning with zeros, structural removal),
+    so training may follow it; packing steps (quantized, factored formats) do not."""
+
     name: str
     config: type[StepConfig]
     run: Callable[..., StepReport]
-    needs_calibration: Callable[[StepConfig], bool] = lambda cfg: True
+    needs_calibration: Callable[[StepConfig], bool] = _always
+    needs: Callable[[StepConfig], frozenset[str]] = _nothing
+    keeps_dense: Callable[[StepConfig], bool] = _never
 
 
 METHODS: Registry[Method] = Registry("method", "slimlm.methods")
 
 
-def register_method(name: str, config: type[StepConfig], *, needs_calibration: Callable[[Any], bool] | None = None):
-    """Decorator: register ``run`` under ``name`` with its config type."""
+def register_method(name: str, config: type[StepConfig], *, needs_calibration: Callable[[Any], bool] | None = None,
+                    needs: Callable[[Any], frozenset[str]] | None = None, keeps_dense: Callable[[Any], bool] | None = None):
+    """Decorator: register ``run`` under ``name`` with its config type and declared requirements."""
 
     def wrap(run: Callable[..., StepReport]) -> Callable[..., StepReport]:
-        METHODS.register(name, Method(name, config, run, needs_calibration or (lambda cfg: True)))
+        METHODS.register(name, Method(name, config, run, needs_calibration or _always, needs or _nothing,
+                                      keeps_dense or _never))
         return run
 
     return wrap
+
+
+def refusal(method: str, cfg: StepConfig, model: nn.Module, arch: Arch) -> str | None:
+    """Why ``method`` with ``cfg`` cannot run on ``model`` (one line), or None; no work is done."""
+    for need in sorted(METHODS.get(method).needs(cfg)):
+        reason = unmet(need, model.config, arch)
+        if reason:
+            return f"{method}: {reason}"
+    return None

@@ -26,7 +26,7 @@ class DistillStepConfig(DistillConfig, StepConfig):
     progress: bool = False
 
 
-@register_method("distill", DistillStepConfig, needs_calibration=lambda cfg: False)
+@register_method("distill", DistillStepConfig, needs_calibration=lambda cfg: False, keeps_dense=lambda cfg: True)
 def run_distill(ctx: StepContext, cfg: DistillStepConfig) -> StepReport:
     from slimlm.models.load import load
 
@@ -38,8 +38,9 @@ def run_distill(ctx: StepContext, cfg: DistillStepConfig) -> StepReport:
                    teacher_tokenizer=teacher.tokenizer if teacher else None)
     if cfg.lora_r:
         from slimlm.distill.lora import merge_lora
+        from slimlm.methods.quant.rtn import requantize_like
 
-        merge_lora(result.model)  # folds adapters into ctx.model's own modules
+        merge_lora(result.model, requantize=requantize_like)  # folds adapters into ctx.model's own modules
     losses = [loss for _, loss in result.losses]
     return StepReport(method="distill", seconds=time.perf_counter() - t0,
                       extra={"teacher": cfg.teacher or ctx.source, "steps": cfg.steps, "start_step": result.start_step,

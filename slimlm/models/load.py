@@ -14,49 +14,18 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from slimlm.devices import resolve_device, resolve_dtype
 from slimlm.errors import SlimlmError
-from slimlm.models.arch import Arch, arch_for
+from slimlm.models.arch import arch_for
+from slimlm.models.info import MANIFEST, LoadedModel, ModelInfo, adds_bos, count_params, make_info
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MANIFEST = "slimlm.json"
-
-
-@dataclass
-class ModelInfo:
-    """Facts about a loaded model that results, reports and artifacts carry along."""
-
-    source: str
-    source_kind: str  # default | gguf | hf | artifact
-    source_hash: str
-    model_type: str
-    architecture: str
-    n_layers: int
-    n_params: int
-    dtype: str
-    add_bos: bool
-    weights_dir: str | None = None  # folder whose weight files this model was read from
-    recipe: str | None = None  # recipe YAML of an artifact
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class LoadedModel(NamedTuple):
-    model: nn.Module
-    tokenizer: Any
-    info: ModelInfo
-
-    @property
-    def arch(self) -> Arch:
-        return arch_for(self.info.model_type)
 
 
 def cache_dir() -> Path:
@@ -113,26 +82,6 @@ def gemma_gguf_path() -> Path:
 BUILTIN_SOURCES = {"default": default_gguf_path, "gemma3-270m": gemma_gguf_path}
 
 
-def count_params(model: nn.Module) -> int:
-    """Logical parameter count: packed/sparse/factored layers report what they represent."""
-    seen: set[int] = set()
-    total = 0
-    for module in model.modules():
-        logical = getattr(module, "logical_numel", None)
-        if callable(logical):
-            total += logical()
-            continue
-        for p in module.parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-    return total
-
-
-def wants_bos(arch: Arch, tokenizer: Any) -> bool:
-    return arch.wants_bos and getattr(tokenizer, "bos_token_id", None) is not None
-
-
 def _check_weights(path: Path, allow_pickle: bool) -> None:
     safes = sorted(path.glob("*.safetensors"))
     pickles = sorted(p for ext in ("*.bin", "*.pt", "*.pth") for p in path.glob(ext))
@@ -160,7 +109,7 @@ def _read_model_type(path: Path) -> str:
         cfg = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as exc:
         raise SlimlmError(f"{path / 'config.json'} is not valid JSON ({exc})", "repair or re-export config.json") from None
-    return str(cfg.get("text_config", {}).get("model_type") if cfg.get("model_type") == "gemma3" else cfg.get("model_type"))
+    return str(cfg.get("model_type"))
 
 
 @contextmanager
@@ -184,7 +133,7 @@ def quiet_transformers() -> Iterator[None]:
 def _load_hf(path: Path, dtype: torch.dtype, allow_pickle: bool) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    arch_for(_read_model_type(path))  # fail early and clearly on unknown families
+    arch_for(_read_model_type(path))  # fail early and clearly on unknown, refused or multimodal families
     _check_weights(path, allow_pickle)
     try:
         with quiet_transformers():
@@ -258,7 +207,7 @@ def _load_cpu(src: str, dtype: torch.dtype, allow_pickle: bool) -> LoadedModel:
             model, tok, digest, folder = _load_gguf(path, dtype)
             kind = "gguf"
         elif (path / MANIFEST).is_file():
-            from slimlm.artifact import load_artifact
+            from slimlm.models.manifest import load_artifact
 
             return load_artifact(path, dtype=dtype)
         elif (path / "config.json").is_file():
@@ -269,20 +218,4 @@ def _load_cpu(src: str, dtype: torch.dtype, allow_pickle: bool) -> LoadedModel:
     return LoadedModel(model, tok, make_info(model, tok, src, kind, digest, weights_dir=folder))
 
 
-def make_info(model: nn.Module, tokenizer: Any, source: str, kind: str, digest: str, recipe: str | None = None,
-              weights_dir: Path | None = None) -> ModelInfo:
-    cfg = model.config
-    arch = arch_for(cfg.model_type)
-    return ModelInfo(
-        source=source,
-        source_kind=kind,
-        source_hash=digest,
-        model_type=cfg.model_type,
-        architecture=type(model).__name__,
-        n_layers=len(model.get_submodule(arch.blocks)),
-        n_params=count_params(model),
-        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-        add_bos=wants_bos(arch, tokenizer),
-        weights_dir=str(weights_dir) if weights_dir else None,
-        recipe=recipe,
-    )
+__all__ = ["MANIFEST", "LoadedModel", "ModelInfo", "adds_bos", "count_params", "load", "make_info"]

@@ -22,7 +22,7 @@ from slimlm.config import StepConfig
 from slimlm.errors import SlimlmError
 from slimlm.memory import drop_file_pages
 from slimlm.methods import StepContext, StepReport, register_method
-from slimlm.models.arch import Arch, blocks, set_module
+from slimlm.models.arch import Arch, blocks, per_block_lists, set_module, text_config
 
 
 class LayerDropConfig(StepConfig):
@@ -45,14 +45,17 @@ def block_influence(inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> 
 
 
 def measure_influence(model: nn.Module, arch: Arch, ids: torch.Tensor, batch_size: int) -> list[float]:
-    """Block Influence of every block, in order, with the sequential driver (model unchanged)."""
+    """Block Influence of every block, in order, with the sequential driver (model unchanged).
+
+    Each block runs once: its outputs are both scored and handed on as the next block's inputs.
+    """
     scores: list[float] = []
 
     def process(ctx: BlockContext) -> None:
         ctx.fp_outputs = ctx.forward()
         scores.append(block_influence(ctx.inputs, ctx.fp_outputs))
 
-    run_sequential(model, arch, ids, process, batch_size=batch_size, desc="block influence")
+    run_sequential(model, arch, ids, process, batch_size=batch_size, propagate="reference", desc="block influence")
     return scores
 
 
@@ -79,14 +82,15 @@ def drop_blocks(model: nn.Module, arch: Arch, drop: set[int]) -> list[int]:
         for mod in old[old_idx].modules():  # attention's layer_idx indexes the KV cache
             if hasattr(mod, "layer_idx"):
                 mod.layer_idx = new_idx
-    cfg = model.config
+    cfg = text_config(model.config)
     cfg.num_hidden_layers = len(keep)
-    if getattr(cfg, "layer_types", None) is not None:  # Gemma's sliding/global pattern follows its blocks
-        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    for key in per_block_lists(arch):  # e.g. the sliding/full attention pattern follows its blocks
+        if getattr(cfg, key, None) is not None:
+            setattr(cfg, key, [getattr(cfg, key)[i] for i in keep])
     return keep
 
 
-@register_method("layer_drop", LayerDropConfig)
+@register_method("layer_drop", LayerDropConfig, keeps_dense=lambda cfg: True)
 def run_layer_drop(ctx: StepContext, cfg: LayerDropConfig) -> StepReport:
     t0 = time.perf_counter()
     n_blocks = len(blocks(ctx.model, ctx.arch))

@@ -10,7 +10,7 @@ import torch
 
 from slimlm.methods import StepContext, StepReport, register_method
 from slimlm.methods.linear import apply_to_linears, select_linears
-from slimlm.methods.prune.masks import PruneConfig, check_nm, mark_sparse, score_mask
+from slimlm.methods.prune.masks import PruneConfig, check_nm, mark_pruned, score_mask
 
 
 class MagnitudeConfig(PruneConfig):
@@ -22,7 +22,7 @@ def magnitude_mask(w: torch.Tensor, sparsity: float | None = None, n: int | None
     return score_mask(w.abs(), sparsity, n, m, per_row=False)
 
 
-@register_method("magnitude", MagnitudeConfig, needs_calibration=lambda cfg: False)
+@register_method("magnitude", MagnitudeConfig, needs_calibration=lambda cfg: False, keeps_dense=lambda cfg: True)
 def run_magnitude(ctx: StepContext, cfg: MagnitudeConfig) -> StepReport:
     targets = select_linears(ctx.model, ctx.arch, cfg, "magnitude")
     check_nm(targets, cfg, "magnitude")
@@ -34,5 +34,5 @@ def run_magnitude(ctx: StepContext, cfg: MagnitudeConfig) -> StepReport:
 
     names = list(targets)
     report = apply_to_linears(ctx.model, ctx.arch, targets, transform, method="magnitude")
-    mark_sparse(ctx.model, names, cfg.pattern())
+    mark_pruned(ctx.model, names, cfg.pattern())
     return report

@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.layers.sparse import SPARSE_ATTR
+from slimlm.layers.sparse import mark_sparse
 from slimlm.methods.linear import LinearStepConfig
 
 
@@ -86,34 +86,7 @@ def score_mask(score: torch.Tensor, sparsity: float | None = None, n: int | None
     return topk_mask(score, sparsity, per_row=per_row)
 
 
-def mark_sparse(model: nn.Module, names: list[str], pattern: str) -> None:
-    """Record pruned layers so :func:`slimlm.layers.sparse.compact_sparse` stores them compactly at the end."""
-    marks = dict(getattr(model, SPARSE_ATTR, {}))
-    marks.update({n: pattern for n in names})
-    setattr(model, SPARSE_ATTR, marks)
-
-
-def pruned_zeros(model: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
-    """Weight → (out, in) mask of its exact zeros, for every dense layer a pruning step marked.
-
-    Training after pruning (recovery, distillation, merged LoRA) must put these zeros back after
-    each update, or the sparsity — and the compact storage it buys at the end — is silently lost.
-    Layers under a peft adapter are read through their ``base_layer``.
-    """
-    zeros: dict[nn.Parameter, torch.Tensor] = {}
-    for name in getattr(model, SPARSE_ATTR, {}):
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:  # removed by a later step (e.g. layer drop)
-            continue
-        mod = getattr(mod, "base_layer", mod)
-        if isinstance(mod, nn.Linear):
-            zeros[mod.weight] = mod.weight.detach() == 0
-    return zeros
-
-
-@torch.no_grad()
-def restore_zeros(zeros: dict[nn.Parameter, torch.Tensor]) -> None:
-    """Set the recorded zeros of :func:`pruned_zeros` back to zero, in place."""
-    for weight, mask in zeros.items():
-        weight.masked_fill_(mask, 0)
+def mark_pruned(model: nn.Module, names: list[str], pattern: str) -> None:
+    """Mark the pruned layers themselves, so the mark follows them through later steps (layers/sparse.py)."""
+    for name in names:
+        mark_sparse(model.get_submodule(name), pattern)

@@ -24,7 +24,7 @@ from pydantic import Field
 from slimlm.layers.quant import QuantizedWeight, QuantLinear
 from slimlm.methods import StepContext, StepReport, register_method
 from slimlm.methods.linear import apply_to_linears, select_linears
-from slimlm.methods.prune.masks import PruneConfig, check_nm, mark_sparse
+from slimlm.methods.prune.masks import PruneConfig, check_nm, mark_pruned
 from slimlm.methods.quant.gptq import inverse_hessian_factor
 from slimlm.methods.quant.grid import fit_grid, quantize_to_grid
 from slimlm.methods.quant.rtn import check_group_sizes, resolve_group_size
@@ -103,7 +103,7 @@ def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, *, sparsity: float |
     return qw.dequantize(), qw
 
 
-@register_method("sparsegpt", SparseGPTConfig)
+@register_method("sparsegpt", SparseGPTConfig, keeps_dense=lambda cfg: cfg.bits is None)
 def run_sparsegpt(ctx: StepContext, cfg: SparseGPTConfig) -> StepReport:
     targets = select_linears(ctx.model, ctx.arch, cfg, "sparsegpt")
     check_nm(targets, cfg, "sparsegpt")
@@ -124,5 +124,5 @@ def run_sparsegpt(ctx: StepContext, cfg: SparseGPTConfig) -> StepReport:
     report = apply_to_linears(ctx.model, ctx.arch, targets, transform, method="sparsegpt", kinds=frozenset({"hessian"}),
                               calib_ids=ctx.calib_ids(), batch_size=ctx.calibration.batch_size,
                               propagate=ctx.calibration.propagate)
-    mark_sparse(ctx.model, names, cfg.pattern())
+    mark_pruned(ctx.model, names, cfg.pattern())
     return report

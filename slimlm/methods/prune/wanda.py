@@ -12,7 +12,7 @@ import torch
 
 from slimlm.methods import StepContext, StepReport, register_method
 from slimlm.methods.linear import apply_to_linears, select_linears
-from slimlm.methods.prune.masks import PruneConfig, check_nm, mark_sparse, score_mask
+from slimlm.methods.prune.masks import PruneConfig, check_nm, mark_pruned, score_mask
 
 
 class WandaConfig(PruneConfig):
@@ -26,7 +26,7 @@ def wanda_mask(w: torch.Tensor, sq_norm: torch.Tensor, sparsity: float | None = 
     return score_mask(score, sparsity, n, m, per_row=True)
 
 
-@register_method("wanda", WandaConfig)
+@register_method("wanda", WandaConfig, keeps_dense=lambda cfg: True)
 def run_wanda(ctx: StepContext, cfg: WandaConfig) -> StepReport:
     targets = select_linears(ctx.model, ctx.arch, cfg, "wanda")
     check_nm(targets, cfg, "wanda")
@@ -40,5 +40,5 @@ def run_wanda(ctx: StepContext, cfg: WandaConfig) -> StepReport:
     report = apply_to_linears(ctx.model, ctx.arch, targets, transform, method="wanda", kinds=frozenset({"sq"}),
                               calib_ids=ctx.calib_ids(), batch_size=ctx.calibration.batch_size,
                               propagate=ctx.calibration.propagate)
-    mark_sparse(ctx.model, names, cfg.pattern())
+    mark_pruned(ctx.model, names, cfg.pattern())
     return report

@@ -26,8 +26,9 @@ from slimlm.calibrate import BlockContext, run_sequential
 from slimlm.config import StepConfig
 from slimlm.errors import SlimlmError
 from slimlm.methods import StepContext, StepReport, register_method
-from slimlm.models.arch import Arch, blocks, set_module
-from slimlm.models.load import count_params
+from slimlm.models.arch import (Arch, Heads, block_linears, blocks, fused_rows, get_module, heads, intermediate_size,
+                                 set_module, set_widths, unmet)
+from slimlm.models.info import count_params
 
 
 class WidthConfig(StepConfig):
@@ -83,30 +84,33 @@ def _expand(groups: torch.Tensor, width: int) -> torch.Tensor:
     return (groups[:, None] * width + torch.arange(width, device=groups.device)).reshape(-1)
 
 
-def _mlp(block: nn.Module, arch: Arch) -> nn.Module:
-    return block.get_submodule(arch.mlp) if arch.mlp else block
-
-
 def prune_block(block: nn.Module, arch: Arch, neurons: torch.Tensor | None, groups: torch.Tensor | None,
-                head_dim: int, n_rep: int) -> None:
-    """Keep MLP ``neurons`` and KV ``groups`` of one block, in place."""
-    mlp = _mlp(block, arch)
+                h: Heads, inter: int) -> None:
+    """Keep MLP ``neurons`` and KV ``groups`` of one block, in place (fused projections by row range)."""
     if neurons is not None:
-        for leaf in [arch.gate, arch.up]:
-            if leaf:
-                setattr(mlp, leaf, slice_linear(getattr(mlp, leaf), rows=neurons))
-        setattr(mlp, arch.down, slice_linear(getattr(mlp, arch.down), cols=neurons))
+        for path in arch.gate_up_paths():
+            fused = fused_rows(arch, path, h, inter)
+            rows = torch.cat([neurons + fused["gate"].start, neurons + fused["up"].start]) if fused else neurons
+            set_module(block, path, slice_linear(block.get_submodule(path), rows=rows))
+        down = arch.mlp_path(arch.down)
+        set_module(block, down, slice_linear(block.get_submodule(down), cols=neurons))
+        mlp = get_module(block, arch.mlp)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = len(neurons)
     if groups is not None:
+        q_rows, kv_rows = _expand(groups, h.n_rep * h.head_dim), _expand(groups, h.head_dim)
+        if arch.fused_qkv:
+            path = arch.qkv_paths()[0]
+            f = fused_rows(arch, path, h, inter)
+            rows = torch.cat([q_rows + f["q"].start, kv_rows + f["k"].start, kv_rows + f["v"].start])  # type: ignore[index]
+            set_module(block, path, slice_linear(block.get_submodule(path), rows=rows))
+        else:
+            for leaf, rows in ((arch.q, q_rows), (arch.k, kv_rows), (arch.v, kv_rows)):
+                set_module(block, arch.attn_path(leaf), slice_linear(block.get_submodule(arch.attn_path(leaf)), rows=rows))
+        o = arch.attn_path(arch.o)
+        set_module(block, o, slice_linear(block.get_submodule(o), cols=q_rows))
         attn = block.get_submodule(arch.attn)
-        q_rows = _expand(groups, n_rep * head_dim)
-        kv_rows = _expand(groups, head_dim)
-        set_module(attn, arch.q, slice_linear(getattr(attn, arch.q), rows=q_rows))
-        set_module(attn, arch.k, slice_linear(getattr(attn, arch.k), rows=kv_rows))
-        set_module(attn, arch.v, slice_linear(getattr(attn, arch.v), rows=kv_rows))
-        set_module(attn, arch.o, slice_linear(getattr(attn, arch.o), cols=q_rows))
-        for attr, value in (("num_heads", len(groups) * n_rep), ("num_key_value_heads", len(groups))):
+        for attr, value in (("num_heads", len(groups) * h.n_rep), ("num_key_value_heads", len(groups))):
             if hasattr(attn, attr):
                 setattr(attn, attr, value)
 
@@ -119,11 +123,10 @@ def plan_width(cfg: WidthConfig, model: nn.Module, arch: Arch, n_kv: int) -> tup
     """(kept MLP neurons, kept KV groups) per block, from ratios or a parameter budget."""
     block = blocks(model, arch)[0]
     n_blocks = len(blocks(model, arch))
-    mlp = _mlp(block, arch)
-    attn = block.get_submodule(arch.attn)
-    inter = getattr(mlp, arch.down).in_features
-    per_neuron = sum(_numel(getattr(mlp, n)) for n in (arch.gate, arch.up, arch.down) if n) / inter
-    per_group = sum(_numel(getattr(attn, n)) for n in (arch.q, arch.k, arch.v, arch.o)) / n_kv
+    inter = intermediate_size(block, arch)
+    lin = block_linears(block, arch)
+    per_neuron = sum(_numel(lin[p]) for p in (*arch.gate_up_paths(), arch.mlp_path(arch.down))) / inter
+    per_group = sum(_numel(lin[p]) for p in (*arch.qkv_paths(), arch.attn_path(arch.o))) / n_kv
     if cfg.heads_ratio is not None:
         keep_g = round(cfg.heads_ratio * n_kv)
         if keep_g < 1:
@@ -136,7 +139,7 @@ def plan_width(cfg: WidthConfig, model: nn.Module, arch: Arch, n_kv: int) -> tup
     budget = cfg.param_reduction * count_params(model)  # parameters to remove
     block_params = n_blocks * (inter * per_neuron + n_kv * per_group)
     if cfg.heads_ratio is None:  # remove the same share of attention as of the blocks overall, in whole groups
-        keep_g = max(1, n_kv - round(budget / block_params * n_kv))
+        keep_g = max(1, n_kv - round(budget / block_params * n_kv)) if unmet("head_dim", model.config, arch) is None else n_kv
     left = budget - n_blocks * (n_kv - keep_g) * per_group
     keep_n = inter - max(0, round(left / (n_blocks * per_neuron)))
     if keep_n < 1:
@@ -145,36 +148,40 @@ def plan_width(cfg: WidthConfig, model: nn.Module, arch: Arch, n_kv: int) -> tup
     return keep_n, keep_g
 
 
-@register_method("width", WidthConfig)
+def _needs(cfg: WidthConfig) -> frozenset[str]:
+    """Removing heads needs a configurable head size; a bare ``param_reduction`` then prunes the MLP only."""
+    return frozenset({"head_dim"}) if cfg.heads_ratio is not None and cfg.heads_ratio < 1 else frozenset()
+
+
+@register_method("width", WidthConfig, needs=_needs, keeps_dense=lambda cfg: True)
 def run_width(ctx: StepContext, cfg: WidthConfig) -> StepReport:
     t0 = time.perf_counter()
-    model, arch, conf = ctx.model, ctx.arch, ctx.model.config
-    n_heads, n_kv = conf.num_attention_heads, getattr(conf, "num_key_value_heads", conf.num_attention_heads)
-    head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // n_heads
-    n_rep = n_heads // n_kv
+    model, arch = ctx.model, ctx.arch
+    h = heads(model.config, arch)
     before = count_params(model)
-    keep_n, keep_g = plan_width(cfg, model, arch, n_kv)
-    inter = getattr(_mlp(blocks(model, arch)[0], arch), arch.down).in_features
-    o_path, down_path = arch.attn_path(arch.o), arch.mlp_path(arch.down) if arch.mlp else arch.down
+    keep_n, keep_g = plan_width(cfg, model, arch, h.n_kv)
+    inter = intermediate_size(blocks(model, arch)[0], arch)
+    o_path, down_path = arch.attn_path(arch.o), arch.mlp_path(arch.down)
     kept: dict[str, dict[str, list[int]]] = {}
 
     def process(ctx_b: BlockContext) -> None:
         mods = {o_path: ctx_b.block.get_submodule(o_path), down_path: ctx_b.block.get_submodule(down_path)}
-        stats = ctx_b.collect(mods, {"sq"} if keep_g == n_kv else {"sq", "hessian"})
+        stats = ctx_b.collect(mods, {"sq"} if keep_g == h.n_kv else {"sq", "hessian"})
         neurons = groups = None
         if keep_n < inter:
             neurons = top_sorted(neuron_importance(mods[down_path].weight, stats[down_path].sq), keep_n)
-        if keep_g < n_kv:
-            groups = top_sorted(group_importance(mods[o_path].weight, stats[o_path].hessian, n_kv), keep_g)
-        prune_block(ctx_b.block, arch, neurons, groups, head_dim, n_rep)
-        kept[ctx_b.name] = {"groups": groups.tolist() if groups is not None else list(range(n_kv))}
+        if keep_g < h.n_kv:
+            groups = top_sorted(group_importance(mods[o_path].weight, stats[o_path].hessian, h.n_kv), keep_g)
+        prune_block(ctx_b.block, arch, neurons, groups, h, inter)
+        kept[ctx_b.name] = {"groups": groups.tolist() if groups is not None else list(range(h.n_kv))}
 
+    # attention that reads head counts from the shared config (phi3) cannot run a pruned block before
+    # the config says the new counts, while later blocks still need the old ones: feed reference outputs
+    propagate = "reference" if arch.heads_from_config and keep_g < h.n_kv else ctx.calibration.propagate
     errors = run_sequential(model, arch, ctx.calib_ids(), process, batch_size=ctx.calibration.batch_size,
-                            propagate=ctx.calibration.propagate, desc="width")
-    conf.head_dim = head_dim  # explicit: no longer derivable from hidden_size / num_attention_heads
-    conf.num_attention_heads, conf.num_key_value_heads = keep_g * n_rep, keep_g
-    setattr(conf, "intermediate_size" if hasattr(conf, "intermediate_size") else "ffn_dim", keep_n)
+                            propagate=propagate, desc="width")
+    set_widths(model.config, arch, Heads(keep_g * h.n_rep, keep_g, h.head_dim), keep_n)
     after = count_params(model)
     return StepReport(method="width", block_errors=errors, seconds=time.perf_counter() - t0,
-                      extra={"intermediate_size": [inter, keep_n], "kv_groups": [n_kv, keep_g],
+                      extra={"intermediate_size": [inter, keep_n], "kv_groups": [h.n_kv, keep_g],
                              "params": [before, after], "param_reduction": 1 - after / before, "kept_groups": kept})

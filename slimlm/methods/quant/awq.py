@@ -34,7 +34,7 @@ from slimlm.methods.linear import require_finite_weights, select_linears
 from slimlm.methods.quant.gptq import require_finite_stats
 from slimlm.methods.quant.grid import clip_grid, fit_grid, quantize_to_grid, round_to_nearest
 from slimlm.methods.quant.rtn import WeightQuantConfig, check_group_sizes, resolve_group_size
-from slimlm.models.arch import Arch, block_linears, get_module, set_module
+from slimlm.models.arch import Arch, block_linears, get_module, heads, input_groups, set_module
 
 
 class AWQConfig(WeightQuantConfig):
@@ -58,18 +58,22 @@ class ScaleGroup:
 
 
 def scale_groups(block: nn.Module, arch: Arch, head_dim: int) -> list[ScaleGroup]:
-    """The foldable (producer → consumers) pairs of one block, in execution order."""
+    """The foldable (producer → consumers) pairs of one block, in execution order.
+
+    A fused producer (phi3's qkv_proj, gate_up_proj) holds v or up in a row range only; those
+    linear → linear folds are skipped there, the norm folds still apply.
+    """
     lin = block_linears(block, arch)
-    q, k, v, o = (arch.attn_path(n) for n in (arch.q, arch.k, arch.v, arch.o))
-    mlp = (lambda n: f"{arch.mlp}.{n}" if arch.mlp else n)
-    up, down = mlp(arch.up), mlp(arch.down)
-    groups = [ScaleGroup(arch.attn_norm, (q, k, v))]
-    v_out, o_in = lin[v].weight.shape[0], lin[o].weight.shape[1]
-    if o_in % v_out == 0 and v_out % head_dim == 0:
-        groups.append(ScaleGroup(v, (o,), rep=o_in // v_out, head_dim=head_dim))
-    groups.append(ScaleGroup(arch.mlp_norm, ((mlp(arch.gate),) if arch.gate else ()) + (up,)))
-    if arch.gate:  # down's input is silu(gate) · up, linear in up's output
-        groups.append(ScaleGroup(up, (down,)))
+    o, down = arch.attn_path(arch.o), arch.mlp_path(arch.down)
+    groups = [ScaleGroup(arch.attn_norm, arch.qkv_paths())]
+    if not arch.fused_qkv:
+        v = arch.attn_path(arch.v)
+        v_out, o_in = lin[v].weight.shape[0], lin[o].weight.shape[1]
+        if o_in % v_out == 0 and v_out % head_dim == 0:
+            groups.append(ScaleGroup(v, (o,), rep=o_in // v_out, head_dim=head_dim))
+    groups.append(ScaleGroup(arch.mlp_norm, arch.gate_up_paths()))
+    if arch.gate and not arch.fused_gate_up:  # down's input is act(gate) · up, linear in up's output
+        groups.append(ScaleGroup(arch.mlp_path(arch.up), (down,)))
     return groups
 
 
@@ -144,18 +148,13 @@ def awq_scales(weights: list[torch.Tensor], group_sizes: list[int], x_mean: torc
     return best_s, best_alpha
 
 
-def _head_dim(model: nn.Module) -> int:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
-@register_method("awq", AWQConfig)
+@register_method("awq", AWQConfig, needs=lambda cfg: frozenset({"prenorm"}), keeps_dense=lambda cfg: not cfg.quantize)
 def run_awq(ctx: StepContext, cfg: AWQConfig) -> StepReport:
     model, arch = ctx.model, ctx.arch
     targets = select_linears(model, arch, cfg, "awq")
     check_group_sizes(targets, cfg.group_size, "awq")
     ids = ctx.calib_ids()  # raises a clear error when the calibration text is too short
-    head_dim = _head_dim(model)
+    head_dim = heads(model.config, arch).head_dim
     no_clip = {arch.attn_path(arch.q), arch.attn_path(arch.k)}  # clipping q/k distorts attention scores
     report = StepReport(method="awq")
     alphas: dict[str, float] = {}
@@ -167,7 +166,7 @@ def run_awq(ctx: StepContext, cfg: AWQConfig) -> StepReport:
             return
         require_finite_weights({prefix + p: m for p, m in local.items()}, "awq")
         plain = {p: m for p, m in block_linears(bctx.block, arch).items() if type(m) is nn.Linear}
-        stats = bctx.collect(plain, {"abs", "hessian"})
+        stats = bctx.collect(plain, {"abs", "hessian"}, input_groups(arch))  # one Hessian per distinct input
         for p in local:
             require_finite_stats(prefix + p, stats[p], "awq")
         gsize = {p: resolve_group_size(cfg.group_size, m.in_features, prefix + p, "awq") for p, m in plain.items()}

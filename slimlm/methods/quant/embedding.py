@@ -23,7 +23,7 @@ from slimlm.memory import drop_file_pages, page_out
 from slimlm.methods import StepContext, StepReport, register_method
 from slimlm.methods.quant.grid import round_to_nearest
 from slimlm.methods.quant.rtn import resolve_group_size
-from slimlm.models.arch import set_module
+from slimlm.models.arch import embed_scale, set_module
 
 
 class EmbeddingQuantConfig(StepConfig):
@@ -81,8 +81,7 @@ def run_embedding(ctx: StepContext, cfg: EmbeddingQuantConfig) -> StepReport:
     g = resolve_group_size(cfg.group_size, dim, arch.embed, "embedding")
     head = model.get_submodule(arch.lm_head)
     tied = head.weight is emb.weight
-    scale = getattr(emb, "scalar_embed_scale", None)
-    table, error = quantize_table(emb.weight, cfg.bits, g, cfg.symmetric, float(scale) if scale is not None else None)
+    table, error = quantize_table(emb.weight, cfg.bits, g, cfg.symmetric, embed_scale(model.config, arch))
     set_module(model, arch.embed, table)
     report = StepReport(method="embedding")
     report.layer_errors[arch.embed] = error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from pydantic import Field
 
 from slimlm.errors import SlimlmError
@@ -34,6 +35,13 @@ def resolve_group_size(group_size: int, in_features: int, name: str, where: str)
             "use -1 (per channel), a divisor of every layer's input size, or a power of two ≤ the input size",
         )
     return group_size
+
+
+def requantize_like(base: QuantLinear, w: torch.Tensor) -> QuantLinear:
+    """RTN of ``w`` onto ``base``'s grid shape (bits, group size, symmetry): merged LoRA back into codes."""
+    symmetric = bool((base.zeros == 2 ** (base.bits - 1)).all())
+    bias = None if base.bias is None else base.bias.detach()
+    return QuantLinear.from_quantized(round_to_nearest(w, base.bits, base.group_size, symmetric), bias)
 
 
 def check_group_sizes(targets: dict, group_size: int, where: str) -> None:

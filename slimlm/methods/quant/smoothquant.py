@@ -13,6 +13,8 @@ Folding points (architecture table, no per-family code):
 - down_proj ← up_proj (gated MLPs: ``down_in = act(gate) · up``, so dividing up's rows by ``s`` divides
   down's input channels by ``s`` exactly).
 - o_proj has no exact single fold point under grouped-query attention; it is quantized unsmoothed.
+- Post-norm models (OPT with ``do_layer_norm_before: false``) have no norm feeding the linears: the
+  step declares the ``prenorm`` need and is refused before any work there.
 A group is smoothed only when every consumer of the fold point is still a plain ``nn.Linear`` (so it
 chains after pruning steps that keep dense linears, and leaves groups alone that another step packed).
 """
@@ -84,41 +86,38 @@ def _plain(mods: list[nn.Module | None]) -> bool:
     return all(type(m) is nn.Linear for m in mods)
 
 
-def _mlp(arch: Arch, leaf: str) -> str:
-    return f"{arch.mlp}.{leaf}" if arch.mlp else leaf
-
-
 def smooth_block(block: nn.Module, arch: Arch, x_max: dict[str, torch.Tensor], alpha: float, smooth_down: bool,
                  wanted: set[str]) -> list[str]:
     """Apply every exact smoothing the architecture allows to one block, for groups holding a target
     (``wanted``: block-local paths); returns the groups smoothed."""
     done = []
-    qkv = [arch.attn_path(n) for n in (arch.q, arch.k, arch.v)]
+    qkv = list(arch.qkv_paths())
     attn_in = [block.get_submodule(p) for p in qkv]
     if wanted & set(qkv) and _plain(attn_in):
         s = smoothing_scales(x_max["attn_in"], _col_max(attn_in), alpha)
         smooth_into_norm(block.get_submodule(arch.attn_norm), attn_in, s, arch.norm_offset)
         done.append("qkv")
-    gate_up = [_mlp(arch, n) for n in (arch.gate, arch.up) if n]
+    gate_up = list(arch.gate_up_paths())
     mlp_in = [block.get_submodule(p) for p in gate_up]
     if wanted & set(gate_up) and _plain(mlp_in):
         s = smoothing_scales(x_max["mlp_in"], _col_max(mlp_in), alpha)
         smooth_into_norm(block.get_submodule(arch.mlp_norm), mlp_in, s, arch.norm_offset)
         done.append("gate_up" if arch.gate else "up")
-    up, down = block.get_submodule(_mlp(arch, arch.up)), block.get_submodule(_mlp(arch, arch.down))
-    if smooth_down and arch.gate and _mlp(arch, arch.down) in wanted and _plain([up, down]):
+    up, down = block.get_submodule(arch.mlp_path(arch.up)), block.get_submodule(arch.mlp_path(arch.down))
+    # down's input is act(gate) · up: linear in up's output rows (not when up shares a fused linear with gate)
+    if smooth_down and arch.gate and not arch.fused_gate_up and arch.mlp_path(arch.down) in wanted and _plain([up, down]):
         s = smoothing_scales(x_max["down_in"], _col_max([down]), alpha)
         smooth_through_linear(up, down, s)
         done.append("down")
     return done
 
 
-@register_method("smoothquant", SmoothQuantConfig, needs_calibration=lambda cfg: True)
+@register_method("smoothquant", SmoothQuantConfig, needs=lambda cfg: frozenset({"prenorm"}))
 def run_smoothquant(ctx: StepContext, cfg: SmoothQuantConfig) -> StepReport:
     model, arch = ctx.model, ctx.arch
     targets = select_linears(model, arch, cfg, "smoothquant")
     report = StepReport(method="smoothquant", extra={"alpha": cfg.alpha, "smoothed": {}, "kernel": "auto: torch._int_mm ≤ 16 tokens, int32 GEMM above"})
-    probes = {"attn_in": arch.attn_path(arch.q), "mlp_in": _mlp(arch, arch.up), "down_in": _mlp(arch, arch.down)}
+    probes = {"attn_in": arch.qkv_paths()[0], "mlp_in": arch.gate_up_paths()[0], "down_in": arch.mlp_path(arch.down)}
     t0 = time.perf_counter()
 
     def process(bctx: BlockContext) -> None:
