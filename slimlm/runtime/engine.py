@@ -88,12 +88,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 _ENGINES: "weakref.WeakKeyDictionary[nn.Module, Engine]" = weakref.WeakKeyDictionary()
 
 
-def engine_for(lm: Any, **kwargs: Any) -> "Engine":
-    """A cached engine for ``lm`` (packing kernels once per model), rebuilt if the options differ."""
+def engine_for(lm: Any, *, max_seq: int | None = None, **kwargs: Any) -> "Engine":
+    """A cached engine for ``lm`` (kernels packed once per model and dtype/device/compile options).
+
+    A different ``max_seq`` only re-sizes the cache and rotary tables; batches grow it on ``reset``.
+    """
     eng = _ENGINES.get(lm.model)
     if eng is None or eng.options != kwargs:
-        eng = Engine(lm, **kwargs)
+        eng = Engine(lm, max_seq=max_seq, **kwargs)
         _ENGINES[lm.model] = eng
+    elif max_seq is not None:
+        eng.set_max_seq(max_seq)
     return eng
 
 
@@ -102,7 +107,7 @@ class Engine:
 
     def __init__(self, lm: Any, *, max_batch: int = 1, max_seq: int | None = None, dtype: torch.dtype | None = None,
                  compile: bool = False, device: str | None = None, notice: bool = True) -> None:
-        self.options = {"max_batch": max_batch, "max_seq": max_seq, "dtype": dtype, "compile": compile, "device": device}
+        self.options = {"dtype": dtype, "compile": compile, "device": device}
         self.lm, self.tokenizer = lm, lm.tokenizer
         model, arch, cfg = lm.model, lm.arch, lm.model.config
         if arch.rotary is None:
@@ -125,7 +130,7 @@ class Engine:
             self.final_norm = _Norm(get_module(model, arch.final_norm), arch.norm_offset, self.dtype)
             head = get_module(model, arch.lm_head)
             self.head = build_kernel([getattr(head, "_table", None) or head], self.dtype, self.device)
-            self.rope = self._rope_tables(model, arch)
+            self.rope = self._rope_tables()
         attn = self.blocks[0]
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = attn.qkv.out_features // (self.n_heads + 2 * self.n_kv)
@@ -170,9 +175,9 @@ class Engine:
             layer_type=layer_type, window=window, softcap=getattr(cfg, "attn_logit_softcapping", None),
         )
 
-    def _rope_tables(self, model: nn.Module, arch: Arch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _rope_tables(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """cos/sin (max_seq, D) per layer type, from the model's own rotary module (any rope scaling)."""
-        rotary = get_module(model, arch.rotary)
+        rotary = get_module(self.lm.model, self.lm.arch.rotary)
         takes_type = "layer_type" in inspect.signature(rotary.forward).parameters
         pos = torch.arange(self.max_seq, device=self.device)[None]
         probe = torch.zeros(1, device=self.device, dtype=torch.float32)
@@ -183,12 +188,23 @@ class Engine:
         return tables
 
     # ---- cache ----------------------------------------------------------------------------------
+    def set_max_seq(self, max_seq: int) -> None:
+        """Hold ``max_seq`` tokens per row from now on (the cache is emptied)."""
+        max_seq = min(max_seq, self.context_limit)
+        if max_seq != self.max_seq:
+            self.max_seq = max_seq
+            with torch.no_grad():
+                self.rope = self._rope_tables()
+            self._k = None  # type: ignore[assignment]
+            self.reset(self.batch)
+
     def reset(self, batch: int = 1) -> None:
         """An empty cache for ``batch`` rows (reallocated only when the batch grows)."""
         if batch > self.max_batch:
             self.max_batch = batch
         shape = (self.max_batch, self.n_kv, self.max_seq, self.head_dim)
         if getattr(self, "_k", None) is None or self._k[0].shape != shape:
+            self._k = None  # type: ignore[assignment]  # free the old cache before allocating the new one
             self._k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
             self._v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.blocks]
         self.batch = batch
@@ -205,7 +221,7 @@ class Engine:
         self._len = torch.minimum(self._len, limit[None])
 
     # ---- forward --------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, ids: torch.Tensor, *, n_blocks: int | None = None, at: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits (B, T, V) and the T tokens appended to each row's cache at its current length.
 

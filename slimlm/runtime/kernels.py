@@ -9,15 +9,17 @@ Paths (``Kernel.path``), chosen per layer (or per fused group such as q/k/v) by 
   power of two ≤ 256 dividing both G and K (g128 on K = 576 → g64 groups with each scale repeated
   twice; the partial last group of 64 columns is one g64 group). Scales/zeros are held in bf16 (the
   kernel's dtype): ≤ 2⁻⁹ relative error per scale on top of the fp16-stored ones.
-- ``int8pack`` — 8-bit per-channel :class:`QuantLinear` and :class:`Int8Linear` on CPU →
+- ``int8pack`` — 8-bit :class:`QuantLinear` (per channel, or ≤ 16 column groups: one call per group,
+  e.g. the 8-bit g128 embedding table as a tied head) and :class:`Int8Linear` on CPU →
   ``torch._weight_int8pack_mm`` (bf16 activations). An asymmetric zero point z is folded exactly:
   ``s·(q − z) = s·(q − 128) + s·(128 − z)``, i.e. the int8 product plus ``Σx · s·(128 − z)`` per channel.
   :class:`Int8Linear` (W8A8) runs weight-only here: activations are not quantized (more exact, faster).
 - ``dense`` — ``nn.Linear`` weights in the compute dtype (a bf16 copy when the engine runs in bf16).
-- ``dequantized`` — every other format (NF4, ternary, 2/3/5/6/7-bit, grouped 8-bit, sparse, off-CPU
+- ``dequantized`` — every other format (NF4, ternary, 2/3/5/6/7-bit, finely grouped 8-bit, sparse, off-CPU
   int4/int8): the weight is dequantized **once** into the compute dtype and cached, so decoding runs at
   dense speed (never a per-token dequantization), at the memory cost of a dense copy.
-Low-rank layers run as two kernels (one per factor), each taking its own path.
+Low-rank layers run as two kernels (one per factor), each taking its own path. Any other module (a peft
+LoRA wrapper during on-policy distillation) runs its own forward (``module``).
 """
 
 from __future__ import annotations
@@ -93,15 +95,43 @@ def int4_packed(mods: list[QuantLinear]) -> tuple[torch.Tensor, torch.Tensor, in
     return packed, sz, g
 
 
-def int8_codes(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(int8 codes (N, K), scale (N,), zero-correction (N,) or None) with w = codes·scale + corr/Σx."""
+def int8_groups(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """(int8 codes (N, K), scales (N, n_groups), zero corrections (N, n_groups) or None, group) with
+    ``w[:, group j] = codes·scale[:, j]`` and the zero point folded into ``Σx_j · corr[:, j]``."""
     if isinstance(mod, Int8Linear):
-        return mod.qweight, mod.w_scale.float(), None
+        return mod.qweight, mod.w_scale.float()[:, None], None, mod.in_features
     codes = mod.codes().to(torch.int16)
-    scale = mod.scales[:, 0].float()
-    z = mod.zeros[:, 0].to(torch.int16)
+    scale, z = mod.scales.float(), mod.zeros.to(torch.int16)
     corr = scale * (128 - z).float()
-    return (codes - 128).to(torch.int8), scale, corr if bool((z != 128).any()) else None
+    return (codes - 128).to(torch.int8), scale, corr if bool((z != 128).any()) else None, mod.group_size
+
+
+def int8_kernel(mods: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """bf16 (M, K) → (M, N): one ``_weight_int8pack_mm`` per column group (one for per-channel layers)."""
+    parts = [int8_groups(m) for m in mods]
+    k, group = mods[0].in_features, parts[0][3]
+    codes = torch.cat([p[0] for p in parts])
+    scales = torch.cat([p[1] for p in parts])  # (N, n_groups)
+    corr = None
+    if any(p[2] is not None for p in parts):
+        corr = torch.cat([p[2] if p[2] is not None else torch.zeros_like(p[1]) for p in parts]).t().contiguous()
+    bounds = [(g0, min(g0 + group, k)) for g0 in range(0, k, group)]
+    slices = [(g0, g1, codes[:, g0:g1].contiguous(), scales[:, j].to(torch.bfloat16).contiguous())
+              for j, (g0, g1) in enumerate(bounds)]
+    mm = torch._weight_int8pack_mm
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if len(slices) == 1 and corr is None:
+            return mm(x, slices[0][2], slices[0][3])
+        y = sum(mm(x[:, g0:g1].contiguous(), c, s).float() for g0, g1, c, s in slices)
+        if corr is not None:  # Σx per group (M, n_groups) @ corrections (n_groups, N)
+            y = y + torch.stack([x[:, g0:g1].float().sum(-1) for g0, g1 in bounds], -1) @ corr
+        return y.to(x.dtype)  # type: ignore[union-attr]
+
+    return run
+
+
+INT8_MAX_GROUPS = 16  # beyond this many column groups the per-group int8 calls cost more than a dense copy
 
 
 def _packed_int(m: nn.Module) -> bool:
@@ -117,7 +147,14 @@ def int4_ok(m: nn.Module, device: torch.device) -> bool:
 def int8_ok(m: nn.Module, device: torch.device) -> bool:
     if device.type != "cpu":
         return False
-    return type(m) is Int8Linear or (_packed_int(m) and m.bits == 8 and m.scales.shape[1] == 1)
+    return type(m) is Int8Linear or (_packed_int(m) and m.bits == 8 and m.scales.shape[1] <= INT8_MAX_GROUPS)
+
+
+def _stored_format(m: nn.Module) -> bool:
+    """Layers whose ``.weight`` is the whole truth (plain linears and slimlm's stored formats)."""
+    from slimlm.layers import FORMATS
+
+    return type(m) is nn.Linear or type(m) in {FORMATS.get(name) for name in FORMATS.names()}
 
 
 def dense_weight(m: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -135,6 +172,9 @@ def build_kernel(mods: list[nn.Module], dtype: torch.dtype, device: torch.device
     if any(isinstance(m, LowRankLinear) for m in mods):
         parts = [build_kernel([m], dtype, device) for m in mods]
         return Kernel(lambda x: torch.cat([p(x) for p in parts], -1), "+".join(sorted({p.path for p in parts})), n)
+    if any(not _stored_format(m) for m in mods):  # e.g. a LoRA wrapper being trained: its own forward is the truth
+        run = mods[0] if len(mods) == 1 else (lambda x: torch.cat([m(x) for m in mods], -1))
+        return Kernel(lambda x: run(x), "module", n)
     bias = _bias(mods)
     same = len({(type(m), getattr(m, "bits", 0), getattr(m, "group_size", 0)) for m in mods}) == 1
     if same and all(int4_ok(m, device) for m in mods):
@@ -143,16 +183,7 @@ def build_kernel(mods: list[nn.Module], dtype: torch.dtype, device: torch.device
         fn = _flat(lambda x: mm(x, packed, g, sz), dtype, torch.bfloat16, n)
         return Kernel(_with_bias(fn, bias, dtype), "int4pack", n)
     if same and all(int8_ok(m, device) for m in mods):
-        parts = [int8_codes(m) for m in mods]
-        codes = torch.cat([p[0] for p in parts]).contiguous()
-        scale = torch.cat([p[1] for p in parts]).to(torch.bfloat16)
-        corrs = [p[2] if p[2] is not None else torch.zeros(m.out_features) for p, m in zip(parts, mods)]
-        corr = torch.cat(corrs) if any(p[2] is not None for p in parts) else None
-
-        def int8(x: torch.Tensor) -> torch.Tensor:
-            y = torch._weight_int8pack_mm(x, codes, scale)
-            return y if corr is None else (y.float() + x.float().sum(-1, keepdim=True) * corr).to(y.dtype)
-
+        int8 = int8_kernel(mods)
         return Kernel(_with_bias(_flat(int8, dtype, torch.bfloat16, n), bias, dtype), "int8pack", n)
     plain = all(type(m) is nn.Linear for m in mods)
     w = torch.cat([dense_weight(m, dtype) for m in mods]) if len(mods) > 1 else dense_weight(mods[0], dtype)
