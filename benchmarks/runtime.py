@@ -74,13 +74,14 @@ def prompt(lm: Any, n: int) -> list[int]:
 def prepare(model: str, llama_cpp: Path | None) -> dict[str, Path]:
     """Artifacts for the engine rows and GGUFs for llama.cpp (built once, cached)."""
     import slimlm
+    from slimlm.recipe import Recipe
 
     root = cache_root() / model
     paths: dict[str, Path] = {}
     for name, recipe in RECIPES.items():
         out = root / name
         if not (out / "slimlm.json").is_file():
-            slimlm.compress(model, recipe, out, overwrite=True)
+            slimlm.compress(model, Recipe.from_yaml(recipe), out, overwrite=True)
         paths[name] = out
     if llama_cpp is None:
         return paths
