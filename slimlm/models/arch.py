@@ -42,7 +42,11 @@ class Arch:
     mlp_norm: str  # the norm before the MLP: it feeds gate/up in pre-norm placement
     # Gemma's sandwich norms normalize each sub-layer's *output* before the residual add; they feed no
     # linear, so nothing is folded into them, but layer-wise code must not mistake them for pre-norms.
-    output_norms: tuple[str, ...] = ()
+    attn_out_norm: str | None = None
+    mlp_out_norm: str | None = None
+    q_norm: str | None = None  # per-head RMSNorm of queries/keys inside the attention (Gemma-3, Qwen3)
+    k_norm: str | None = None
+    rotary: str | None = "model.rotary_emb"  # the model's rotary-embedding module (None: no RoPE, e.g. OPT)
     norm_offset: float = 0.0  # Gemma's RMSNorm computes x̂ · (1 + w): folding a scale must respect the offset
     # Config flag that switches pre-norm on (OPT's do_layer_norm_before). False = post-norm: the norms
     # sit after each residual add, and no scale can be folded into them without changing the model.
@@ -60,6 +64,10 @@ class Arch:
     layer_types_key: str | None = "layer_types"  # per-block list (sliding/full attention) that follows the blocks
     sliding_window_key: str | None = "sliding_window"
     refused: str | None = None  # the whole family is refused with this reason
+
+    @property
+    def output_norms(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.attn_out_norm, self.mlp_out_norm) if n)
 
     @property
     def fused_qkv(self) -> bool:
@@ -91,7 +99,8 @@ LLAMA = Arch(
     attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
 )
 GEMMA = replace(
-    LLAMA, mlp_norm="pre_feedforward_layernorm", output_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    LLAMA, mlp_norm="pre_feedforward_layernorm", attn_out_norm="post_attention_layernorm",
+    mlp_out_norm="post_feedforward_layernorm",
     norm_offset=1.0, embed_scaled=True, attn_softcap="attn_logit_softcapping", final_softcap="final_logit_softcapping",
 )
 
@@ -99,21 +108,21 @@ ARCHS: dict[str, Arch] = {
     "llama": LLAMA,
     "mistral": LLAMA,
     "qwen2": LLAMA,
-    "qwen3": LLAMA,  # per-head q_norm/k_norm sit after q/k: they read no folded scale
+    "qwen3": replace(LLAMA, q_norm="q_norm", k_norm="k_norm"),  # per-head norms after q/k: they read no folded scale
     "gemma2": GEMMA,
-    "gemma3_text": GEMMA,
+    "gemma3_text": replace(GEMMA, q_norm="q_norm", k_norm="k_norm"),
     "phi3": replace(LLAMA, q="qkv_proj", k="qkv_proj", v="qkv_proj", gate="gate_up_proj", up="gate_up_proj",
                     heads_from_config=True),
     "opt": replace(
         LLAMA, blocks="model.decoder.layers", embed="model.decoder.embed_tokens",
         final_norm="model.decoder.final_layer_norm", o="out_proj", mlp="", up="fc1", down="fc2", gate=None,
         attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm", prenorm_flag="do_layer_norm_before",
-        n_kv_key=None, head_dim_key=None, inter_key="ffn_dim",
+        n_kv_key=None, head_dim_key=None, inter_key="ffn_dim", rotary=None,
     ),
     "gpt2": replace(
         LLAMA, blocks="transformer.h", embed="transformer.wte", final_norm="transformer.ln_f",
         attn="attn", q="c_attn", k="c_attn", v="c_attn", o="c_proj", mlp="mlp", up="c_fc", down="c_proj", gate=None,
-        attn_norm="ln_1", mlp_norm="ln_2", n_kv_key=None, head_dim_key=None, inter_key="n_inner",
+        attn_norm="ln_1", mlp_norm="ln_2", n_kv_key=None, head_dim_key=None, inter_key="n_inner", rotary=None,
         refused="GPT-2 keeps its projections in transposed Conv1D modules, which slimlm's layer formats do not read",
     ),
 }
