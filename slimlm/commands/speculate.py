@@ -17,16 +17,8 @@ import sys
 from slimlm.errors import SlimlmError
 
 
-def gen_config(args: argparse.Namespace):  # -> GenConfig
-    from slimlm.runtime.sampling import GenConfig
-
-    cfg = GenConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=list(args.stop or []))
-    cfg.validate()
-    return cfg
-
-
 def cmd_speculate(args: argparse.Namespace) -> None:
+    from slimlm.commands.generate import gen_config, make_engine
     from slimlm.models import load
     from slimlm.runtime.contrastive import check_contrastive, contrastive_generate, proxy_generate
     from slimlm.runtime.engine import Engine
@@ -42,11 +34,12 @@ def cmd_speculate(args: argparse.Namespace) -> None:
         check_contrastive(args.beta, args.alpha)
     spec = SpecConfig(k=args.k, k_max=max(args.k, args.k_max), adaptive=not args.fixed_k)
     spec.validate()  # all options checked before the (slow) model loads
-    target = Engine(load(args.model, allow_pickle=args.allow_pickle))
+    target = make_engine(args)
+    same = {"dtype": target.dtype, "device": args.device, "max_seq": target.max_seq}
     on_token = (lambda _tok, delta: print(delta, end="", flush=True)) if args.stream else None
     if args.draft:
-        res = speculative_generate(target, make_draft(args.draft, target), args.prompt, cfg, spec, chat=args.chat,
-                                   on_token=on_token)
+        draft = make_draft(args.draft, target, dtype=target.dtype, device=args.device)
+        res = speculative_generate(target, draft, args.prompt, cfg, spec, chat=args.chat, on_token=on_token)
         figures = (f"draft {res.draft}: acceptance {res.acceptance:.1%} ({res.accepted}/{res.proposed} proposed tokens), "
                    f"{res.target_forwards} target forwards for {len(res.tokens)} tokens")
     else:
@@ -54,7 +47,7 @@ def cmd_speculate(args: argparse.Namespace) -> None:
         for src in ([args.amateur] if args.amateur else list(args.proxy)):
             lm = load(src, allow_pickle=args.allow_pickle)
             check_same_vocab(target.tokenizer, lm.tokenizer, args.model, src)
-            others.append(Engine(lm, max_seq=target.max_seq))
+            others.append(Engine(lm, **same))
         if args.amateur:
             res = contrastive_generate(target, others[0], args.prompt, cfg, beta=args.beta, alpha=args.alpha,
                                        chat=args.chat, on_token=on_token)
@@ -66,21 +59,11 @@ def cmd_speculate(args: argparse.Namespace) -> None:
     print(f"{figures}; {res.decode_tok_s:.1f} tok/s, finish {res.finish_reason}", file=sys.stderr)
 
 
-def add_gen_args(p: argparse.ArgumentParser) -> None:
-    """The GenConfig options, same names and defaults as the library."""
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from slimlm.commands.generate import _common
+
     p = sub.add_parser("speculate", help="speculative (--draft), contrastive (--amateur) or proxy-tuned (--proxy) generation")
-    p.add_argument("model", help="target / expert / large base model")
+    _common(p)  # MODEL (target / expert / large base) and every GenConfig and engine option of `slimlm generate`
     p.add_argument("prompt")
     p.add_argument("--draft", help="lookup | lookup:N | self:N | a model with the same tokenizer")
     p.add_argument("--k", type=int, default=4, help="draft tokens per target forward (start value)")
@@ -92,6 +75,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--proxy", nargs=2, metavar=("SMALL_BASE", "SMALL_TUNED"), help="proxy-tuning: small base and tuned models")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
-    p.add_argument("--allow-pickle", action="store_true")
-    add_gen_args(p)
     p.set_defaults(func=cmd_speculate)

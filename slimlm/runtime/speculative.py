@@ -241,7 +241,7 @@ def make_draft(spec: str, target: Engine, **engine_kw: Any) -> Draft:
 
     lm = load(spec)
     check_same_vocab(target.tokenizer, lm.tokenizer, target.lm.info.source, spec)
-    return ModelDraft(Engine(lm, max_seq=target.max_seq, **engine_kw), name=spec)
+    return ModelDraft(Engine(lm, **{"max_seq": target.max_seq, **engine_kw}), name=spec)
 
 
 # ---------------------------------------------------------------------------------------------
