@@ -227,7 +227,7 @@ def main() -> None:
     if a.row:
         return child(a)
     rows = a.rows.split(",")
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results: dict[str, Any] = {}
     with (cpu_lock() if not a.no_lock else open(os.devnull)):
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for model in a.models.split(","):
@@ -259,6 +259,7 @@ def main() -> None:
                                                                     "prefill_tokens", "repeats", "batch", "compile")},
                               "started": started, "rows": table}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    results = {**(json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}), **results}  # other models' runs stay
     tmp = RESULTS.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1))
     os.replace(tmp, RESULTS)
