@@ -126,3 +126,19 @@ def test_route_tune_cli_reaches_target_on_synthetic_set(tmp_path, capsys):
     assert cfg.tiers[0].threshold is not None and cfg.tuned["escalation"] < 0.6
     assert "reached" in capsys.readouterr().out
     assert main(["route", "tune", str(router), "--dev", str(dev), "--signal", "nope"]) == 2
+
+
+def test_report_has_cost_quality_curves(tmp_path):
+    from slimlm.report import build_report
+
+    conf, s, lg = synthetic(200, 7)
+    rates = [i / 10 for i in range(1, 10)]
+    sig = {"curve": dict(zip([f"{r:.0%}" for r in rates], tune.curve(conf, s, lg, rates))), "apgr": tune.apgr(conf, s, lg),
+           "cpt98": tune.rate_for(conf, s, lg, 0.98 * lg.mean())}
+    rnd = {"curve": dict(zip([f"{r:.0%}" for r in rates], tune.random_curve(s, lg, rates))), "apgr": 0.5, "cpt98": 0.9}
+    route = tmp_path / "route.json"
+    route.write_text(json.dumps({"tasks": {"piqa": {"n_heldout": 200, "small_acc": float(s.mean()), "large_acc": float(lg.mean()),
+                                                    "signals": {"lp_q10": sig}, "random": rnd}}}))
+    html = build_report(tmp_path / "r.html", db=tmp_path / "r.db", routes=[route]).read_text()
+    assert "Cascade routing: cost/quality" in html and 'id="route-0-piqa"' in html and "<polyline" in html
+    assert "leaderboard" in html  # the rest of the report is still there
