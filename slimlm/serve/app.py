@@ -59,28 +59,49 @@ def _token_strings(worker: ModelWorker, tokens: list[int]) -> list[str]:
     return [tok.decode([t]) for t in tokens]
 
 
+ENDPOINTS = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+
+
+class Guard:
+    """Plain ASGI middleware: the API key check, request counts and latency measured to the *last* byte
+    (so a stream counts its whole duration). Pure ASGI, so streaming and disconnects pass straight through."""
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        path = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        m, status = self.state.metrics, [500]
+        if self.state.api_key and path != "/health":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.state.api_key}".encode()):
+                m.inc("slimlm_requests_total", endpoint=path, status="401")
+                err = ApiError(401, "missing or wrong API key (send `Authorization: Bearer KEY`)",
+                               type_="authentication_error", code="invalid_api_key")
+                return await _error(err)(scope, receive, send)
+
+        async def tracked(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            elif msg["type"] == "http.response.body" and not msg.get("more_body") and path.startswith("/v1/"):
+                m.observe("slimlm_request_latency_seconds", time.perf_counter() - t0, endpoint=path)
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, tracked)
+        finally:
+            m.inc("slimlm_requests_total", endpoint=path, status=str(status[0]))
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="slimlm", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, state=state)
     m = state.metrics
     m.gauge("slimlm_queue_depth", "requests waiting or running per model",
             lambda: {(("model", n),): float(w.depth()) for n, w in state.workers.items()})
-
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next: Any) -> Response:
-        t0 = time.perf_counter()
-        path = request.url.path
-        if state.api_key and path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
-                resp: Response = _error(ApiError(401, "missing or wrong API key (send `Authorization: Bearer KEY`)",
-                                                 type_="authentication_error", code="invalid_api_key"))
-                m.inc("slimlm_requests_total", endpoint=path, status="401")
-                return resp
-        resp = await call_next(request)
-        if path.startswith("/v1/") and not isinstance(resp, StreamingResponse):
-            m.observe("slimlm_request_latency_seconds", time.perf_counter() - t0, endpoint=path)
-        m.inc("slimlm_requests_total", endpoint=path, status=str(resp.status_code))
-        return resp
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -199,7 +220,6 @@ async def _generate(state: ServerState, body: dict[str, Any], *, chat: bool) -> 
         if include_usage:
             yield _sse(schema.chunk(rid, name, chat=chat, use=schema.usage(res.prompt_tokens, len(res.tokens))))
         yield "data: [DONE]\n\n"
-        m.observe("slimlm_request_latency_seconds", time.perf_counter() - t0, endpoint="/v1/chat/completions" if chat else "/v1/completions")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
