@@ -41,6 +41,8 @@ from slimlm.distill.data import TopKCache, dense_from_topk, pair_batch, read_pai
 from slimlm.distill.losses import LOSS_NAMES, check_loss, divergence, hidden_mse, lm_loss, teacher_log_probs, uniform_layer_map
 from slimlm.errors import SlimlmError
 from slimlm.methods.prune.masks import pruned_zeros, restore_zeros
+from slimlm.runtime.decode import continue_ids
+from slimlm.runtime.sampling import GenConfig
 
 
 class DistillConfig(StrictConfig):
@@ -235,12 +237,11 @@ class OnPolicy:
         rng = random.Random(cfg.seed * 7_919 + b)
         prompt_len = max(1, ids.shape[1] - cfg.gen_tokens)
         if len(self.buffer) < len(ids) or rng.random() < 0.5:
-            torch.manual_seed(cfg.seed * 31 + b)
             was_training = student.training
             student.eval()
-            out = student.generate(input_ids=ids[:, :prompt_len], attention_mask=torch.ones_like(ids[:, :prompt_len]),
-                                   max_new_tokens=cfg.gen_tokens, min_new_tokens=cfg.gen_tokens, do_sample=True, top_k=0,
-                                   temperature=1.0, pad_token_id=0)
+            gen = torch.Generator().manual_seed(cfg.seed * 31 + b)
+            out = continue_ids(student, ids[:, :prompt_len], cfg.gen_tokens, GenConfig(max_new_tokens=cfg.gen_tokens,
+                                                                                        temperature=1.0), gen)
             student.train(was_training)
             self.buffer = (self.buffer + list(out.cpu()))[-cfg.replay_size :]
             seqs = out

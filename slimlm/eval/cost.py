@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import torch
 
-from slimlm.eval.efficiency import PROMPT, _greedy_run, efficiency, peak_rss_bytes
+from slimlm.eval.efficiency import efficiency, greedy_run, peak_rss_bytes, prompt_ids
 from slimlm.models.load import LoadedModel
 
 WATTS_PER_CORE = 10.0  # a busy laptop/desktop x86 core under AVX load: ~5-15 W; stated, not measured
@@ -87,10 +87,7 @@ def source_weight_bytes(lm: LoadedModel) -> tuple[int, str]:
 @torch.no_grad()
 def batched_throughput(lm: LoadedModel, batch: int, prompt_tokens: int, new_tokens: int) -> float:
     """Generated tokens per second for ``batch`` copies of the prompt decoded together (prefill included)."""
-    device = next(lm.model.parameters()).device
-    ids = lm.tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt").input_ids[:, :prompt_tokens]
-    ids = ids.expand(batch, -1).contiguous().to(device)
-    ttft, dec = _greedy_run(lm.model, ids, new_tokens)
+    ttft, dec = greedy_run(lm, [prompt_ids(lm, prompt_tokens)] * batch, new_tokens)
     return batch * new_tokens / (ttft + dec)
 
 
@@ -103,10 +100,8 @@ def cost(lm: LoadedModel, *, threads: int | None = None, batch_sizes: tuple[int,
     n_threads = torch.get_num_threads()
     row = efficiency(lm, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats)
     row["time_per_output_token_s"] = 1.0 / row["decode_tok_s"]
-    device = next(lm.model.parameters()).device
-    ids = lm.tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt").input_ids[:, :prompt_tokens].to(device)
     with Meter(watts_per_core) as m:  # one batch-1 generation, prefill included
-        _greedy_run(lm.model, ids, new_tokens)
+        greedy_run(lm, [prompt_ids(lm, prompt_tokens)], new_tokens)
     row.update({
         "cpu_util_pct": 100.0 * m.cpu_s / (m.wall_s * n_threads),
         "energy_j": m.joules, "energy_source": m.energy_source,

@@ -1,11 +1,14 @@
-"""Efficiency figures that matter on a laptop: size, memory, time to first token, tokens per second."""
+"""Efficiency figures that matter on a laptop: size, memory, time to first token, tokens per second.
+
+Speed is measured through the generation engine (:mod:`slimlm.runtime.engine`): the same static-cache
+decode and fast kernels that ``slimlm generate`` uses.
+"""
 
 from __future__ import annotations
 
 import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import torch
 from torch import nn
 
 from slimlm.models.load import LoadedModel
+from slimlm.runtime.kernels import describe
 
 PROMPT = (
     "Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds "
@@ -49,47 +53,46 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-@torch.no_grad()
-def _greedy_run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(seconds to first token, seconds for the remaining ``new_tokens - 1``), greedy with KV cache."""
-    t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    ttft = time.perf_counter() - t0
-    past = out.past_key_values
-    t1 = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    return ttft, time.perf_counter() - t1
+def greedy_run(lm: LoadedModel, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """(seconds to first token, seconds for the other ``new_tokens - 1``) of greedy engine decoding, EOS ignored."""
+    from slimlm.runtime.engine import engine_for
+    from slimlm.runtime.sampling import GenConfig
+
+    need = max(len(p) for p in prompts) + new_tokens + 1
+    engine = engine_for(lm, max_seq=-(-need // 512) * 512)  # rounded up: no re-sizing between runs
+    res = engine.generate(prompts, GenConfig(max_new_tokens=new_tokens, stop_at_eos=False))[0]  # type: ignore[index]
+    return res.ttft_s, (new_tokens - 1) / res.decode_tok_s if res.decode_tok_s else 0.0
+
+
+def prompt_ids(lm: LoadedModel, prompt_tokens: int) -> list[int]:
+    """The first ``prompt_tokens`` tokens of :data:`PROMPT` (repeated as needed), BOS first where wanted."""
+    tok = lm.tokenizer
+    ids = tok(PROMPT, add_special_tokens=False).input_ids
+    ids = (ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens]
+    return ([tok.bos_token_id] if lm.info.add_bos else []) + ids
 
 
 def efficiency(lm: LoadedModel, *, prompt_tokens: int = 128, new_tokens: int = 64, repeats: int = 3) -> dict[str, Any]:
     """Size and speed of ``lm``: medians over ``repeats`` runs after one warm-up."""
-    model, tok = lm.model, lm.tokenizer
-    device = next(model.parameters()).device
-    ids = tok(PROMPT, add_special_tokens=False, return_tensors="pt").input_ids[:, :prompt_tokens]
-    if lm.info.add_bos:
-        ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
-    ids = ids.to(device)
-    _greedy_run(model, ids, 4)  # warm-up: allocator, kernels, lazy init
-    ttfts, decodes = [], []
-    for _ in range(repeats):
-        ttft, dec = _greedy_run(model, ids, new_tokens)
-        ttfts.append(ttft)
-        decodes.append(dec)
-    ttft = statistics.median(ttfts)
-    dec = statistics.median(decodes)
+    ids = prompt_ids(lm, prompt_tokens)
+    greedy_run(lm, [ids], 4)  # warm-up: allocator, kernels, lazy init
+    runs = [greedy_run(lm, [ids], new_tokens) for _ in range(repeats)]
+    ttft = statistics.median(r[0] for r in runs)
+    decode = (new_tokens - 1) / statistics.median(r[1] for r in runs)
+    from slimlm.runtime.engine import engine_for
+
+    engine = engine_for(lm)
     return {
         "params": lm.info.n_params,
         "bytes_on_disk": bytes_on_disk(lm.info.weights_dir),
-        "weight_bytes_in_memory": weight_bytes_in_memory(model),
+        "weight_bytes_in_memory": weight_bytes_in_memory(lm.model),
         "peak_rss_bytes": peak_rss_bytes(),
-        "prompt_tokens": int(ids.shape[1]),
+        "prompt_tokens": len(ids),
         "ttft_s": ttft,
-        "prefill_tok_s": ids.shape[1] / ttft,
-        "decode_tok_s": (new_tokens - 1) / dec,
+        "prefill_tok_s": len(ids) / ttft,
+        "decode_tok_s": decode,
+        "engine_dtype": str(engine.dtype).removeprefix("torch."),
+        "kernel_paths": describe(engine.paths),
         "new_tokens": new_tokens,
         "repeats": repeats,
         "threads": torch.get_num_threads(),

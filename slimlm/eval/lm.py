@@ -88,7 +88,7 @@ class SlimlmLM:
             max_new = int(kwargs.get("max_gen_toks", 256))
             head = [self.tokenizer.bos_token_id] if self.lm.info.add_bos else []
             ids = head + self.encode(context) if context else [self.prefix_id]
-            outs.append(self._greedy(ids[-self.max_length:], until, max_new))
+            outs.append(self._greedy(ids, [s for s in until if s], max_new))
         return outs
 
     # --- machinery -------------------------------------------------------------------------------
@@ -148,21 +148,10 @@ class SlimlmLM:
         return out
 
     def _greedy(self, ids: list[int], until: list[str], max_new: int) -> str:
-        """Greedy decoding with a KV cache; stops at EOS or when a stop string appears."""
-        device = self.device
-        eos = self.tokenizer.eos_token_id
-        out = self.model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
-        new: list[int] = []
-        text = ""
-        for _ in range(max_new):
-            nxt = int(out.logits[0, -1].argmax())
-            if nxt == eos:
-                break
-            new.append(nxt)
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
-            if any(s in text for s in until):
-                break
-            out = self.model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=out.past_key_values,
-                             use_cache=True)
-        cut = min((text.index(s) for s in until if s in text), default=len(text))
-        return text[:cut]
+        """Greedy decoding by the engine (static KV cache, fast kernels); stops at EOS or a stop string."""
+        from slimlm.runtime.engine import engine_for
+        from slimlm.runtime.sampling import GenConfig
+
+        engine = engine_for(self.lm, max_seq=self.max_length)
+        keep = max(1, self.max_length - max_new)  # the prompt's tail, leaving room for the continuation
+        return engine.generate(ids[-keep:], GenConfig(max_new_tokens=max_new, stop=until)).text  # type: ignore[union-attr]

@@ -33,6 +33,11 @@ class Arch:
     mlp_norm: str  # norm feeding gate/up
     wants_bos: bool  # prepend BOS to every evaluation window
     norm_offset: float = 0.0  # Gemma's RMSNorm computes x * (1 + w): scaling must respect the offset
+    rotary: str | None = "model.rotary_emb"  # the model's rotary-embedding module (None: no RoPE, e.g. OPT)
+    q_norm: str | None = None  # per-head RMSNorm of queries/keys inside the attention (Gemma-3, Qwen3)
+    k_norm: str | None = None
+    attn_out_norm: str | None = None  # norm of the attention output before the residual add (Gemma)
+    mlp_out_norm: str | None = None  # norm of the MLP output before the residual add (Gemma)
 
     def attn_path(self, leaf: str) -> str:
         return f"{self.attn}.{leaf}"
@@ -52,13 +57,16 @@ ARCHS: dict[str, Arch] = {
     "llama": LLAMA,
     "mistral": LLAMA,
     "qwen2": LLAMA,
-    "qwen3": LLAMA,
-    "gemma3_text": replace(LLAMA, mlp_norm="pre_feedforward_layernorm", wants_bos=True, norm_offset=1.0),
-    "gemma2": replace(LLAMA, mlp_norm="pre_feedforward_layernorm", wants_bos=True, norm_offset=1.0),
+    "qwen3": replace(LLAMA, q_norm="q_norm", k_norm="k_norm"),
+    "gemma3_text": replace(LLAMA, mlp_norm="pre_feedforward_layernorm", wants_bos=True, norm_offset=1.0,
+                           q_norm="q_norm", k_norm="k_norm", attn_out_norm="post_attention_layernorm",
+                           mlp_out_norm="post_feedforward_layernorm"),
+    "gemma2": replace(LLAMA, mlp_norm="pre_feedforward_layernorm", wants_bos=True, norm_offset=1.0,
+                      attn_out_norm="post_attention_layernorm", mlp_out_norm="post_feedforward_layernorm"),
     "opt": replace(
         LLAMA, blocks="model.decoder.layers", embed="model.decoder.embed_tokens",
         final_norm="model.decoder.final_layer_norm", o="out_proj", mlp="", up="fc1", down="fc2", gate=None,
-        attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm", wants_bos=True,
+        attn_norm="self_attn_layer_norm", mlp_norm="final_layer_norm", wants_bos=True, rotary=None,
     ),
 }
 
