@@ -50,7 +50,7 @@ class ModelWorker:
         self.engine = engine
         self.metrics = metrics
         self.max_queue = max_queue
-        self.max_batch = max_batch
+        self.max_batch = min(max_batch, int(getattr(engine, "max_batch", max_batch)))  # the engine's cache rows
         self.gather_s = gather_s
         self._jobs: deque[Job] = deque()
         self._cv = threading.Condition()
