@@ -1,13 +1,13 @@
 """The batching queue: one worker thread per served model groups waiting requests into engine batches.
 
 Requests wait in a bounded FIFO (full → :class:`QueueFull`, answered 503). The worker takes the
-oldest request, gathers every waiting request with the *same* decoding config (up to ``max_batch``;
-a short gather window lets concurrent arrivals meet), and runs them as one
-engine batch (``iter_generation``, the loop behind
-``Engine.generate(list_of_prompts, cfg)``, which also reports which row each text delta belongs to). Each row's text deltas go only to its
-own request, so outputs are never interleaved; batched greedy rows equal their sequential answers
-(the engine's contract). Other engine work (an entropy prefill for the router) runs as a ``call``
-job on the same thread, because an engine is not thread-safe.
+oldest request and gathers every waiting request with the *same* decoding config that fits the
+context beside the others (up to ``max_batch``; a short gather window lets concurrent arrivals
+meet). The batch runs through ``iter_generation`` — the loop behind
+``Engine.generate(list_of_prompts, cfg)``, which also says which row each text delta belongs to — so
+each row's deltas go only to its own request and outputs are never interleaved; batched greedy rows
+equal their sequential answers (the engine's contract). Other engine work (an entropy prefill for
+the router) runs as a ``call`` job on the same thread, because an engine is not thread-safe.
 """
 
 from __future__ import annotations
@@ -111,9 +111,14 @@ class ModelWorker:
             batch = [first]
             if first.fn is None:
                 keep: deque[Job] = deque()
+                longest, limit = len(first.ids or []), self.engine.max_seq - first.cfg.max_new_tokens  # type: ignore[union-attr]
                 while self._jobs and len(batch) < self.max_batch:
                     job = self._jobs.popleft()
-                    (batch if job.fn is None and job.cfg == first.cfg else keep).append(job)
+                    # rows decode in lock-step, so the longest prompt bounds every row's room to grow
+                    fits = job.fn is None and job.cfg == first.cfg and max(longest, len(job.ids or [])) <= limit
+                    if fits:
+                        longest = max(longest, len(job.ids or []))
+                    (batch if fits else keep).append(job)
                 self._jobs.extendleft(reversed(keep))
             self._running = len(batch)
         return batch
