@@ -142,3 +142,28 @@ def test_report_has_cost_quality_curves(tmp_path):
     html = build_report(tmp_path / "r.html", db=tmp_path / "r.db", routes=[route]).read_text()
     assert "Cascade routing: cost/quality" in html and 'id="route-0-piqa"' in html and "<polyline" in html
     assert "leaderboard" in html  # the rest of the report is still there
+
+
+@pytest.mark.slow
+def test_local_tier_evidence_and_tune_on_generated_answers(default_lm, tmp_path, capsys):
+    """The generation path: a real engine answers, entropies come from one prefill, k samples are drawn."""
+    from slimlm.route.tiers import DirectBackend, LocalTier
+    from slimlm.runtime.engine import Engine
+    from slimlm.runtime.sampling import GenConfig
+
+    tier = LocalTier("small", DirectBackend(Engine(default_lm, max_batch=3, max_seq=128)))
+    ans = tier.answer(Query(prompt="The capital of France is", cfg=GenConfig(max_new_tokens=6)), Need(entropies=True, samples=3))
+    ev = ans.evidence
+    assert "paris" in ev.answer and len(ev.token_logprobs) == len(ev.token_entropies) == ans.completion_tokens
+    assert all(e >= 0 for e in ev.token_entropies) and len(ev.samples) == 3
+    assert 0 <= signals.SIGNALS.get("agreement")(ev) <= 1
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("\n".join(json.dumps(r) for r in [{"prompt": "The capital of France is", "answer": "Paris"},
+                                                      {"prompt": "2 + 2 =", "answer": "4"},
+                                                      {"messages": [{"role": "user", "content": "Name a primary color."}], "answer": "red"}]))
+    router = tmp_path / "router.yaml"
+    router.write_text("samples: 2\ntiers:\n  - {name: small, model: default}\n  - {name: large, model: default}\n")
+    assert main(["route", "tune", str(router), "--dev", str(dev), "--max-new-tokens", "6", "--max-seq", "128"]) == 0
+    cfg = load_router(router)
+    assert cfg.tuned["items"] == 3 and cfg.tuned["met"]  # equal tiers: the small one alone reaches 98 %
+    assert cfg.tuned["escalation"] == 0.0

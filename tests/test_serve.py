@@ -16,12 +16,12 @@ import pytest
 from slimlm.cli import main
 from slimlm.errors import SlimlmError
 from slimlm.route.cascade import Cascade
-from slimlm.route.config import RouterConfig
+from slimlm.route.config import RouterConfig, load_router
 from slimlm.route.tiers import LocalTier, RemoteTier
 from slimlm.runtime.engine import Engine
 from slimlm.runtime.sampling import GenConfig
 from slimlm.serve.app import create_app
-from slimlm.serve.server import ServeConfig, ServerThread, build_state, check_bind
+from slimlm.serve.server import ServeConfig, ServerThread, build_cascade, build_state, check_bind
 
 MAX_SEQ = 192
 
@@ -200,7 +200,12 @@ def test_cascade_with_remote_slimlm_server(server, default_lm, tmp_path, capfd):
             return Cascade(cfg, [LocalTier("small", state.workers["default"]),
                                  RemoteTier("cloud", remote.url + "/v1", "default", client=client)])
 
-        state.routers["router"] = cascade(1e9)  # nothing is confident enough: always escalate
+        router_yaml = tmp_path / "router.yaml"
+        router_yaml.write_text(f"signal: lp_mean\nlog: {tmp_path / 'decisions.jsonl'}\ntiers:\n"
+                               f"  - {{name: small, model: default, threshold: 1.0e9}}\n  - {{name: cloud, url: '{remote.url}/v1'}}\n")
+        # as `slimlm serve --router` builds it: the local tier reuses the served model's worker
+        state.routers["router"] = build_cascade(load_router(router_yaml), state, ServeConfig(models={"default": "default"}))
+        assert state.routers["router"].tiers[0].backend is state.workers["default"]
         r = post(srv, "/v1/completions", {"model": "router", "prompt": "The capital of France is", "max_tokens": 5, "temperature": 0})
         assert r.status_code == 200, r.text
         route = r.json()["slimlm_route"]

@@ -65,6 +65,17 @@ def rate_for(conf: np.ndarray, small_ok: np.ndarray, large_ok: np.ndarray, goal:
     return float(hit[0] / n) if len(hit) else math.nan
 
 
+def best_cut(conf: np.ndarray, small_ok: np.ndarray, large_ok: np.ndarray) -> tuple[float, float, float]:
+    """(escalation rate, accuracy, threshold) of the most accurate cut point — a cascade can beat both
+    models when they err on different items. Ties go to the lowest rate."""
+    n = len(conf)
+    order = np.argsort(conf, kind="stable")
+    gain = np.concatenate([[0.0], np.cumsum(large_ok[order].astype(float) - small_ok[order].astype(float))])
+    k = int(np.argmax(gain))
+    threshold = float(conf[order[k]]) if k < n else math.inf
+    return k / n, float((small_ok.sum() + gain[k]) / n), threshold
+
+
 def pgr_rate(conf: np.ndarray, small_ok: np.ndarray, large_ok: np.ndarray, pgr: float) -> float:
     """RouteLLM's CPT(pgr): lowest escalation rate recovering ``pgr`` of the small→large accuracy gap."""
     a, b = float(small_ok.mean()), float(large_ok.mean())
