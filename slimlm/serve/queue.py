@@ -3,7 +3,8 @@
 Requests wait in a bounded FIFO (full → :class:`QueueFull`, answered 503). The worker takes the
 oldest request and gathers every waiting request with the *same* decoding config that fits the
 context beside the others (up to ``max_batch``; a short gather window lets concurrent arrivals
-meet). The batch runs through ``iter_generation`` — the loop behind
+meet, and after a batch of b rows it waits up to ``refill_s`` for b requests, since the clients just
+answered tend to ask again at once). The batch runs through ``iter_generation`` — the loop behind
 ``Engine.generate(list_of_prompts, cfg)``, which also says which row each text delta belongs to — so
 each row's deltas go only to its own request and outputs are never interleaved; batched greedy rows
 equal their sequential answers (the engine's contract). Other engine work (an entropy prefill for
@@ -45,13 +46,15 @@ class ModelWorker:
     """Owns one engine; implements the router's ``Backend`` (encode / generate / call)."""
 
     def __init__(self, name: str, engine: Any, metrics: Metrics, *, max_queue: int = 64, max_batch: int = 8,
-                 gather_s: float = 0.01) -> None:
+                 gather_s: float = 0.01, refill_s: float = 0.05) -> None:
         self.name = name
         self.engine = engine
         self.metrics = metrics
         self.max_queue = max_queue
         self.max_batch = min(max_batch, int(getattr(engine, "max_batch", max_batch)))  # the engine's cache rows
         self.gather_s = gather_s
+        self.refill_s = refill_s
+        self._last_batch = 1
         self._jobs: deque[Job] = deque()
         self._cv = threading.Condition()
         self._running = 0
@@ -107,6 +110,14 @@ class ModelWorker:
         if first.fn is None and self.gather_s > 0:
             time.sleep(self.gather_s)  # let requests that arrive together share the batch
         with self._cv:
+            # Clients whose answers just finished usually ask again at once: wait briefly for as many
+            # requests as the last batch held, so two half-size groups do not alternate forever.
+            deadline = time.perf_counter() + self.refill_s
+            while first.fn is None and len(self._jobs) < min(self._last_batch, self.max_batch) and not self._stop:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
             first = self._jobs.popleft()
             batch = [first]
             if first.fn is None:
@@ -121,6 +132,8 @@ class ModelWorker:
                     (batch if fits else keep).append(job)
                 self._jobs.extendleft(reversed(keep))
             self._running = len(batch)
+            if first.fn is None:
+                self._last_batch = len(batch)
         return batch
 
     def _loop(self) -> None:
