@@ -119,6 +119,6 @@ def lines(svg_id: str, title: str, series: dict[str, tuple[list[float], list[flo
         dash = ' stroke-dasharray="4 3"' if name in dashed else ""
         poly = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys) if math.isfinite(y))
         out.append(f'<polyline points="{poly}" fill="none" stroke="{color}" stroke-width="1.5"{dash}><title>{escape(name)}</title></polyline>')
-        out.append(f'<text x="{W + 4}" y="{34 + 14 * k}" class="ptlabel" fill="{color}">{escape(name)}</text>')
+        out.append(f'<text x="{W + 4}" y="{34 + 14 * k}" class="ptlabel" style="fill:{color}">{escape(name)}</text>')
     out.append("</svg>")
     return "\n".join(out)
