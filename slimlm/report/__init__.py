@@ -1,6 +1,7 @@
 """``slimlm report``: one self-contained HTML page from the results store — a sortable leaderboard,
 Pareto plots (quality vs size, vs tokens/s, vs energy), per-layer error charts of compressed
-artifacts and each model's recipe. Everything is inline (SVG + a few lines of JS), no CDN."""
+artifacts, each model's recipe and, given a ``benchmarks/route.py`` result, the cascade's
+cost/quality curves. Everything is inline (SVG + a few lines of JS), no CDN."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from slimlm.report.page import page
+from slimlm.report.route import route_section
 from slimlm.report.svg import bars, scatter
 from slimlm.store import ResultsStore
 
@@ -80,7 +82,7 @@ def layer_error_charts(artifacts: list[Path]) -> list[str]:
 
 
 def build_report(out: str | Path = "slimlm-results/report.html", *, db: str | Path | None = None,
-                 artifacts: list[str | Path] = ()) -> Path:
+                 artifacts: list[str | Path] = (), routes: list[str | Path] = ()) -> Path:
     """Write the report for every model in the results store; returns the HTML file."""
     store = ResultsStore(db)
     quality, cost, recipes = summarize(store.query())
@@ -109,7 +111,7 @@ def build_report(out: str | Path = "slimlm-results/report.html", *, db: str | Pa
     charts = layer_error_charts(list(dict.fromkeys(arts)))
     recipe_html = "".join(f"<details><summary>{escape(m)}</summary><pre>{escape(recipes.get(m) or 'none (source model)')}</pre></details>"
                           for m in models)
-    html = page(head, body, plots, charts, recipe_html, primary, str(store.path), len(models))
+    html = page(head, body, plots, charts, recipe_html, primary, str(store.path), len(models), route_section(routes))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html, encoding="utf-8")

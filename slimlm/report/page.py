@@ -22,7 +22,7 @@ const m=location.hash.match(/sort=(-?)(\\d+)/);if(m)sortBy(+m[2],m[1]==='-');doc
 
 
 def page(head: list[str], body: list[str], plots: list[str], charts: list[str], recipes: str, primary: str | None,
-         db: str, n_models: int) -> str:
+         db: str, n_models: int, routing: str = "") -> str:
     ths = "".join(f"<th>{escape(h)}</th>" for h in head)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>slimlm report</title><style>{STYLE}</style></head>
 <body><h1>slimlm leaderboard</h1><p>{n_models} models from <code>{escape(db)}</code>. Click a column to sort.
@@ -30,5 +30,5 @@ Filled points are Pareto-optimal (no other model is both better and cheaper); ho
 <table id="leaderboard"><thead><tr>{ths}</tr></thead><tbody>{''.join(body)}</tbody></table>
 <h2>Pareto plots ({escape(primary or 'no quality metric yet')})</h2><div class="plots">{''.join(plots)}</div>
 <h2>Per-layer errors of compressed artifacts</h2><div id="layer-errors">{''.join(charts) or '<p>no artifacts with layer errors</p>'}</div>
-<h2>Recipes</h2><div id="recipes">{recipes}</div>
+{routing}<h2>Recipes</h2><div id="recipes">{recipes}</div>
 <script>{SCRIPT}</script></body></html>"""

@@ -82,3 +82,43 @@ def bars(svg_id: str, title: str, names: list[str], values: list[float], width: 
                    f'class="bar"><title>{escape(n)}: {v:.4g}</title></rect>')
     out.append("</svg>")
     return "\n".join(out)
+
+
+COLORS = ("#36c", "#d33", "#393", "#f90", "#939", "#0aa", "#a52", "#555", "#c39", "#999")
+
+
+def lines(svg_id: str, title: str, series: dict[str, tuple[list[float], list[float]]], x_label: str, y_label: str,
+          dashed: tuple[str, ...] = ()) -> str:
+    """Line chart of several series (e.g. cascade accuracy vs escalation rate per signal), with a legend."""
+    pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if math.isfinite(y)]
+    if not pts:
+        return f'<svg id="{svg_id}" class="plot" width="{W}" height="{H}"><text x="20" y="40">{escape(title)}: no data</text></svg>'
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 0.01)
+    width = W + 130
+
+    def px(x: float) -> float:
+        return PAD + (x - x0) / (x1 - x0) * (W - PAD - 12)
+
+    def py(y: float) -> float:
+        return H - PAD - (y - y0) / (y1 - y0) * (H - PAD - 28)
+
+    out = [f'<svg id="{svg_id}" class="plot" width="{width}" height="{H}" viewBox="0 0 {width} {H}" xmlns="http://www.w3.org/2000/svg">',
+           f'<text x="{W / 2}" y="16" text-anchor="middle" class="title">{escape(title)}</text>',
+           f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - 12}" y2="{H - PAD}" class="axis"/>',
+           f'<line x1="{PAD}" y1="28" x2="{PAD}" y2="{H - PAD}" class="axis"/>',
+           f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle" class="label">{escape(x_label)}</text>',
+           f'<text x="14" y="{H / 2}" text-anchor="middle" class="label" transform="rotate(-90 14 {H / 2})">{escape(y_label)}</text>']
+    for t in _ticks(x0, x1):
+        out.append(f'<text x="{px(t):.1f}" y="{H - PAD + 16}" text-anchor="middle" class="tick">{_fmt(t)}</text>')
+    for t in _ticks(y0, y1):
+        out.append(f'<text x="{PAD - 4}" y="{py(t) + 4:.1f}" text-anchor="end" class="tick">{_fmt(t)}</text>')
+    for k, (name, (xs, ys)) in enumerate(series.items()):
+        color = COLORS[k % len(COLORS)]
+        dash = ' stroke-dasharray="4 3"' if name in dashed else ""
+        poly = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys) if math.isfinite(y))
+        out.append(f'<polyline points="{poly}" fill="none" stroke="{color}" stroke-width="1.5"{dash}><title>{escape(name)}</title></polyline>')
+        out.append(f'<text x="{W + 4}" y="{34 + 14 * k}" class="ptlabel" style="fill:{color}">{escape(name)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
