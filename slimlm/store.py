@@ -25,7 +25,7 @@ CREATE INDEX IF NOT EXISTS results_model_task ON results (model, recipe, task, m
 META = {"model", "source", "source_kind", "source_hash", "model_type", "recipe", "task", "kind", "data", "machine",
         "versions", "git_hash", "timestamp", "window", "bos", "threads", "repeats", "n", "limit", "seed",
         "new_tokens", "prompt_tokens", "windows", "tokens", "energy_source", "watts_per_core", "compression_basis",
-        "source_weight_bytes", "artifact"}
+        "source_weight_bytes", "artifact", "against"}
 
 
 def default_db_path() -> Path:

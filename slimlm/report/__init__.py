@@ -13,6 +13,7 @@ from typing import Any
 from slimlm.report.page import page
 from slimlm.report.route import route_section
 from slimlm.report.svg import bars, scatter
+from slimlm.report.trust import with_trust_card
 from slimlm.store import ResultsStore
 
 # Per task, the first of these metrics that is present is the task's quality column.
@@ -112,6 +113,7 @@ def build_report(out: str | Path = "slimlm-results/report.html", *, db: str | Pa
     recipe_html = "".join(f"<details><summary>{escape(m)}</summary><pre>{escape(recipes.get(m) or 'none (source model)')}</pre></details>"
                           for m in models)
     html = page(head, body, plots, charts, recipe_html, primary, str(store.path), len(models), route_section(routes))
+    html = with_trust_card(html, store.query())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(html, encoding="utf-8")

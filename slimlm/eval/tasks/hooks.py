@@ -29,4 +29,16 @@ def hellaswag(doc: Doc) -> Doc:
             "choices": [hellaswag_clean(e) for e in doc["endings"]]}
 
 
+def truthfulqa_mc(doc: Doc) -> Doc:
+    """TruthfulQA's answer sets as one choice list: the correct answers (best first), then the incorrect
+    ones. ``mc1_choices`` indexes the best answer and the incorrect ones (MC1); ``n_correct`` splits the
+    list for MC2 (TruthfulQA's CSV: ``Best Answer``, ``Correct Answers``, ``Incorrect Answers``)."""
+    best = doc["Best Answer"].strip()
+    correct = list(dict.fromkeys([best, *doc["Correct Answers"]]))
+    incorrect = [a for a in dict.fromkeys(doc["Incorrect Answers"]) if a not in correct]
+    return {**doc, "question": doc["Question"].strip(), "choices": correct + incorrect, "n_correct": len(correct),
+            "mc1_choices": [0, *range(len(correct), len(correct) + len(incorrect))], "label": 0}
+
+
 HOOKS.register("hellaswag", hellaswag)
+HOOKS.register("truthfulqa_mc", truthfulqa_mc)

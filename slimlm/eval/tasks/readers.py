@@ -138,3 +138,27 @@ def read_text(path: str, **_: Any) -> list[Doc]:
         files = sorted(p.rglob("*.txt")) if p.is_dir() else [p]
         return [{"text": "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)}]
     return [{"text": load_text(path, "eval")}]
+
+
+@_register("csv")
+def read_csv(path: str, split: dict[str, str] | None = None, group: str | None = None, **_: Any) -> list[Doc]:
+    """A CSV file with a header row (TruthfulQA, CrowS-Pairs). ``split`` turns string fields into lists
+    (``{"Correct Answers": "; "}``); ``group`` names the field that per-group metrics break down by."""
+    import csv
+
+    p = resolve_path(path)
+    with open(p, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [k for k in [*(split or {}), *([group] if group else [])] if k not in (reader.fieldnames or [])]
+        if missing:
+            raise SlimlmError(f"{p} has no column {missing[0]!r}", f"columns: {', '.join(reader.fieldnames or [])}")
+        docs = []
+        for n, row in enumerate(reader, 2):
+            doc: Doc = dict(row)
+            for key, sep in (split or {}).items():
+                doc[key] = [s.strip() for s in (row[key] or "").split(sep) if s.strip()]
+            if group:
+                doc["group"] = row[group]
+            doc["_line"] = n
+            docs.append(doc)
+    return docs

@@ -75,18 +75,29 @@ def _acc(name: str, hits: list[bool]) -> dict[str, float]:
     return {name: p, f"{name}_stderr": math.sqrt(p * (1 - p) / max(len(hits) - 1, 1))}
 
 
+def choice_logliks(slm: SlimlmLM, items: list[tuple[str, list[str], int]], delimiter: str) -> list[list[float]]:
+    """Per item, the summed log-likelihood of ``delimiter + choice`` given its context, for every choice."""
+    lls = [ll for ll, _ in slm.loglikelihood([(ctx, delimiter + c) for ctx, choices, _ in items for c in choices])]
+    out, at = [], 0
+    for _, choices, _ in items:
+        out.append(lls[at : at + len(choices)])
+        at += len(choices)
+    return out
+
+
+def mc_hits(ll: list[float], choices: list[str], gold: int) -> tuple[bool, bool]:
+    """(acc, acc_norm) of one item: the argmax of the raw sums, and of the sums per UTF-8 byte."""
+    norm = [x / max(len(c.encode("utf-8")), 1) for x, c in zip(ll, choices)]
+    return max(range(len(ll)), key=ll.__getitem__) == gold, max(range(len(norm)), key=norm.__getitem__) == gold
+
+
 def score_multiple_choice(slm: SlimlmLM, docs: list[Doc], spec: TaskSpec) -> dict[str, float]:
     items = [mc_item(d, spec) for d in docs]
-    requests = [(ctx, spec.delimiter + c) for ctx, choices, _ in items for c in choices]
-    lls = [ll for ll, _ in slm.loglikelihood(requests)]
     acc, acc_norm, groups = [], [], {}
-    at = 0
-    for doc, (_, choices, gold) in zip(docs, items):
-        ll = lls[at : at + len(choices)]
-        at += len(choices)
-        norm = [x / max(len(c.encode("utf-8")), 1) for x, c in zip(ll, choices)]
-        acc.append(max(range(len(ll)), key=ll.__getitem__) == gold)
-        acc_norm.append(max(range(len(norm)), key=norm.__getitem__) == gold)
+    for doc, (_, choices, gold), ll in zip(docs, items, choice_logliks(slm, items, spec.delimiter)):
+        hit, hit_norm = mc_hits(ll, choices, gold)
+        acc.append(hit)
+        acc_norm.append(hit_norm)
         if "group" in doc:
             groups.setdefault(doc["group"], []).append(acc[-1])
     out = {**_acc("acc", acc), **_acc("acc_norm", acc_norm)}
