@@ -98,6 +98,11 @@ def write_compressed_tensors(lm: LoadedModel, out, *, overwrite: bool = False) -
             continue
         if isinstance(mod, QuantLinear) or isinstance(mod, Int8Linear):
             handled.append(name)
+            if isinstance(mod, QuantLinear) and mod.in_features % mod.group_size:
+                raise SlimlmError(f"{name}: group_size {mod.group_size} leaves a partial last group of in_features "
+                                  f"{mod.in_features}, which compressed-tensors cannot hold (it needs strict division)",
+                                  "quantize with a group size that divides every input size (e.g. 64 or 32 on SmolLM2), "
+                                  "or export as --format gguf / onnx, which hold partial groups")
             args, inputs = (W8A8_WEIGHTS, W8A8_INPUTS) if isinstance(mod, Int8Linear) else (quant_args(mod), None)
             formats.add("int-quantized" if isinstance(mod, Int8Linear) else "pack-quantized")
             g = groups.setdefault(_group_key(args, inputs), {"targets": [], "weights": args, "input_activations": inputs,

@@ -234,7 +234,7 @@ def _hf_tensors(lm: LoadedModel) -> list[tuple[str, nn.Module | torch.Tensor]]:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     embed = model.get_submodule(arch.embed)
     head = model.get_submodule(arch.lm_head)
-    tied = isinstance(head, TiedQuantHead) or getattr(head, "weight", None) is getattr(embed, "weight", 0)
+    tied = isinstance(head, TiedQuantHead) or (isinstance(embed, nn.Embedding) and head.weight is embed.weight)
     out: list[tuple[str, nn.Module | torch.Tensor]] = []
     seen: set[int] = set()
     skip_under: list[str] = []

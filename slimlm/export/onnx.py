@@ -177,8 +177,7 @@ def build_graph(lm: LoadedModel) -> tuple[Any, dict[str, int]]:
         x = g.op("Add", [x, lin(act, f"{p}.{arch.mlp_path(arch.down)}")])
     x = rms_norm(g, x, get_module(model, arch.final_norm).weight, eps, arch.final_norm)
     head = get_module(model, arch.lm_head)
-    if isinstance(head, TiedQuantHead) or getattr(head, "weight", None) is getattr(embed, "weight", 0) or (
-            isinstance(embed, QuantEmbedding) and getattr(model.config, "tie_word_embeddings", False)):
+    if isinstance(head, TiedQuantHead) or (isinstance(embed, nn.Embedding) and head.weight is embed.weight):
         flat = g.op("Gemm", [g.op("Reshape", [x, g.const([-1, cfg.hidden_size])]), "embed.weight"], transB=1)
         shape = g.op("Concat", [g.op("Shape", ["input_ids"]), g.const([-1])], axis=0)
         g.nodes.append(helper.make_node("Reshape", [flat, shape], ["logits"], name="logits"))
