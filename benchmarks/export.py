@@ -181,6 +181,16 @@ def onnx_speed(artifact: Path, out: Path, threads: int, new_tokens: int = 64) ->
     return {"prefill_64_tok_s": 64 / prefill, "decode_tok_s": new_tokens / decode, "threads": threads}
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The docs table for one model's rows."""
+    lines = ["| file | by | MB | perplexity | pp512 tok/s | tg128 tok/s |", "|---|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        pp, tg = r.get("pp512_tok_s"), r.get("tg128_tok_s")
+        lines.append(f"| {r['file']} | {r['by']} | {r['bytes'] / 1e6:.1f} | {r['perplexity']:.3f} | "
+                     f"{'' if pp is None else f'{pp:.0f}'} | {'' if tg is None else f'{tg:.1f}'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tools", required=True, help="folder with llama-quantize, llama-imatrix, llama-perplexity, llama-bench")
@@ -208,6 +218,7 @@ def main() -> None:
     allres[args.model] = {**result, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(allres, indent=1))
+    print(markdown(result))
     print(f"results in {RESULTS}")
 
 

@@ -17,7 +17,7 @@ import torch
 
 import slimlm
 from slimlm.errors import SlimlmError
-from slimlm.export.gguf import gguf_codes, qk_row_order, unpack_q_blocks
+from slimlm.export.gguf import gguf_tensors, qk_row_order, unpack_q_blocks
 from slimlm.layers.quant import QuantLinear
 from slimlm.methods.prune.layerdrop import drop_blocks
 
@@ -73,6 +73,7 @@ def test_codes_read_back_bit_for_bit(q4) -> None:
     lm, path, res, _ = q4
     cfg = lm.model.config
     checked = 0
+    stored = gguf_tensors(path)
     for name, mod in lm.model.named_modules():
         if not isinstance(mod, QuantLinear):
             continue
@@ -80,7 +81,7 @@ def test_codes_read_back_bit_for_bit(q4) -> None:
         gname = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                  "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                  "mlp.down_proj": "ffn_down"}[leaf]
-        gtype, raw = gguf_codes(path, f"blk.{i}.{gname}.weight")
+        gtype, raw = stored[f"blk.{i}.{gname}.weight"]
         assert gtype == "Q4_1"
         codes, scales = mod.codes(), mod.scales
         if leaf in ("self_attn.q_proj", "self_attn.k_proj"):  # llama.cpp's rotary row order: a permutation
@@ -149,7 +150,7 @@ def test_width_pruned_model(tmp_path) -> None:
     path = tmp_path / "width.gguf"
     res = slimlm.export(lm, path, format="gguf")
     assert res.tensor_types["blk.0.ffn_down.weight"] == "Q4_0"
-    gtype, raw = gguf_codes(path, "blk.1.ffn_up.weight")
+    gtype, raw = gguf_tensors(path)["blk.1.ffn_up.weight"]
     assert np.array_equal(unpack_q_blocks(gtype, raw), lm.model.model.layers[1].mlp.up_proj.codes().numpy())
     llm = llama(path)
     assert int(llm.metadata["llama.attention.key_length"]) == 64
@@ -163,9 +164,10 @@ def test_q8_table_and_5bit_exact(tmp_path) -> None:
     res = slimlm.export(lm, path, format="gguf")
     assert res.tensor_types["token_embd.weight"] == "Q8_0" and res.tensor_types["blk.0.ffn_up.weight"] == "Q5_1"
     emb = lm.model.model.embed_tokens
-    gtype, raw = gguf_codes(path, "token_embd.weight")
+    stored = gguf_tensors(path)
+    gtype, raw = stored["token_embd.weight"]
     assert np.array_equal(unpack_q_blocks(gtype, raw), (emb.codes().to(torch.int32) - 128).numpy())
-    gtype, raw = gguf_codes(path, "blk.1.ffn_down.weight")
+    gtype, raw = stored["blk.1.ffn_down.weight"]
     assert np.array_equal(unpack_q_blocks(gtype, raw), lm.model.model.layers[1].mlp.down_proj.codes().numpy())
     llm = llama(path)
     check_logits(lm, llm)
@@ -179,7 +181,7 @@ def test_unrepresentable_refused_then_requantized(tmp_path) -> None:
     assert not list(tmp_path.iterdir())
     res = slimlm.export(lm, tmp_path / "x.gguf", format="gguf", requantize="Q4_1")  # holds 3-bit codes exactly
     assert res.tensor_types["blk.0.attn_q.weight"] == "Q4_1" and not res.added_error
-    gtype, raw = gguf_codes(tmp_path / "x.gguf", "blk.0.ffn_up.weight")
+    gtype, raw = gguf_tensors(tmp_path / "x.gguf")["blk.0.ffn_up.weight"]
     assert np.array_equal(unpack_q_blocks(gtype, raw), lm.model.model.layers[0].mlp.up_proj.codes().numpy())
 
 

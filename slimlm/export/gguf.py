@@ -420,14 +420,11 @@ def write_gguf(lm: LoadedModel, out: Path, *, overwrite: bool = False, type: str
     return ExportResult(out, "gguf", path_size(out), {n: t.gtype for n, t in tensors}, errors, notes)
 
 
-def gguf_codes(path: Path, name: str) -> tuple[str, np.ndarray]:
-    """(type, raw block bytes (rows, bytes)) of one tensor, read back with gguf's own reader."""
+def gguf_tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """name → (type, raw data) of every tensor, read back with gguf's own reader (opened once: it parses the vocab)."""
     from gguf import GGUFReader
 
-    for t in GGUFReader(path).tensors:
-        if t.name == name:
-            return t.tensor_type.name, np.asarray(t.data)
-    raise KeyError(name)
+    return {t.name: (t.tensor_type.name, np.asarray(t.data)) for t in GGUFReader(path).tensors}
 
 
 def unpack_q_blocks(gtype: str, raw: np.ndarray) -> np.ndarray:
