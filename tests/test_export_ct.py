@@ -1,10 +1,11 @@
 """compressed-tensors export: loaded by transformers with the compressed-tensors package, codes byte for byte.
 
-SmolLM2-135M truncated to 2 blocks. Symmetric and W8A8 exports load through ``AutoModelForCausalLM``;
-asymmetric ones are decompressed with compressed-tensors' own ``PackedQuantizationCompressor``, because
-transformers 5.24 + compressed-tensors 0.20 build the zero-point parameter unpacked on the meta device
-and so reject every asymmetric pack-quantized checkpoint (vllm-project/llm-compressor#1618), ours and
-llm-compressor's alike.
+SmolLM2-135M truncated to 2 blocks. Symmetric and W8A8 exports load through ``AutoModelForCausalLM``. An
+asymmetric export in the format's own layout (packed zero points, what vLLM reads) is decompressed with
+compressed-tensors' ``PackedQuantizationCompressor``: transformers 5.24 + compressed-tensors 0.20 build the
+zero-point parameter unpacked on the meta device and reject every such checkpoint, ours and
+llm-compressor's alike (vllm-project/llm-compressor#1618); ``zero_points="padded"`` writes the same values
+in the shape they accept, and that export loads through ``AutoModelForCausalLM`` with identical logits.
 """
 
 from __future__ import annotations
@@ -73,6 +74,13 @@ def test_w4a16_asymmetric_codes_and_zero_points_exact(tmp_path) -> None:
             assert torch.equal(out["weight"].float(), mod.weight_dequantized(torch.float32)), name
             n += 1
     assert n == 14
+
+
+def test_w4a16_asymmetric_padded_zero_points_load_in_transformers(tmp_path) -> None:
+    lm = truncated("steps:\n  - rtn: {bits: 4, group_size: 64}\n")
+    slimlm.export(lm, tmp_path / "ct", format="compressed-tensors", zero_points="padded")
+    m = hf_load(tmp_path / "ct")
+    assert torch.allclose(logits(m, lm.tokenizer), logits(lm.model, lm.tokenizer), atol=1e-4)
 
 
 def test_w8a8_smoothquant_loads(tmp_path) -> None:

@@ -12,7 +12,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     options = {}
     if args.format == "gguf":
         options = {"type": args.type or "F16", "requantize": args.requantize}
-    elif args.type or args.requantize:
+    elif args.format == "compressed-tensors":
+        options = {"zero_points": args.zero_points}
+    if args.format != "gguf" and (args.type or args.requantize):
         from slimlm.errors import SlimlmError
 
         raise SlimlmError(f"--type/--requantize apply to GGUF only, not {args.format}", "drop them, or use --format gguf")
@@ -36,6 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="gguf: type of the float matrices (F16 default, BF16, F32, or Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 by gguf's rounding)")
     p.add_argument("--requantize", default=None, metavar="TYPE",
                    help="gguf: write layers GGUF cannot hold as they are (3-bit, NF4, sparse, low-rank) as TYPE; reports the added error")
+    p.add_argument("--zero-points", default="packed", choices=["packed", "padded"],
+                   help="compressed-tensors: packed (vLLM) or padded to the shape transformers 5.24 loads")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--allow-pickle", action="store_true")
     p.set_defaults(func=cmd_export)

@@ -58,8 +58,14 @@ W8A8_INPUTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tok
                "dynamic": True, "actorder": None, "observer": None, "block_structure": None, "observer_kwargs": {}}
 
 
-def layer_tensors(name: str, mod: nn.Module) -> dict[str, torch.Tensor]:
-    """The compressed-tensors parameters of one slimlm layer."""
+def layer_tensors(name: str, mod: nn.Module, pad_zero_points: bool = False) -> dict[str, torch.Tensor]:
+    """The compressed-tensors parameters of one slimlm layer.
+
+    ``pad_zero_points``: pad the packed zero points with zero rows to the unpacked shape (out, groups).
+    Decompression reads only the leading packed rows, so the values are the same; the shape is what
+    transformers 5.24 + compressed-tensors 0.20 expect (they build that parameter unpacked on the meta
+    device, vllm-project/llm-compressor#1618), not what vLLM expects.
+    """
     if isinstance(mod, Int8Linear):
         out = {f"{name}.weight": mod.qweight.contiguous(), f"{name}.weight_scale": mod.w_scale.float()[:, None].contiguous()}
     else:
@@ -67,7 +73,10 @@ def layer_tensors(name: str, mod: nn.Module) -> dict[str, torch.Tensor]:
                f"{name}.weight_scale": mod.scales.float().contiguous(),
                f"{name}.weight_shape": torch.tensor([mod.out_features, mod.in_features], dtype=torch.int32)}
         if not quant_args(mod)["symmetric"]:
-            out[f"{name}.weight_zero_point"] = pack_int32(mod.zeros.to(torch.int64), mod.bits, dim=0)
+            zp = pack_int32(mod.zeros.to(torch.int64), mod.bits, dim=0)
+            if pad_zero_points:
+                zp = torch.nn.functional.pad(zp, (0, 0, 0, mod.out_features - zp.shape[0]))
+            out[f"{name}.weight_zero_point"] = zp
     if getattr(mod, "bias", None) is not None:
         out[f"{name}.bias"] = mod.bias.detach().contiguous()
     return out
@@ -78,8 +87,14 @@ def _group_key(args: dict[str, Any], inputs: dict[str, Any] | None) -> str:
 
 
 @register_writer("compressed-tensors")
-def write_compressed_tensors(lm: LoadedModel, out, *, overwrite: bool = False) -> ExportResult:
-    """A Hugging Face folder whose quantized linears are compressed-tensors ``pack-quantized`` / ``int-quantized``."""
+def write_compressed_tensors(lm: LoadedModel, out, *, overwrite: bool = False, zero_points: str = "packed") -> ExportResult:
+    """A Hugging Face folder whose quantized linears are compressed-tensors ``pack-quantized`` / ``int-quantized``.
+
+    ``zero_points``: ``packed`` (the format's layout, what vLLM loads) or ``padded`` (same values padded to
+    the shape transformers 5.24 + compressed-tensors 0.20 load; see :func:`layer_tensors`).
+    """
+    if zero_points not in ("packed", "padded"):
+        raise SlimlmError(f"zero_points {zero_points!r} is not a layout", "use packed (vLLM) or padded (transformers 5.24)")
     model = lm.model
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[str, dict[str, Any]] = {}
@@ -108,7 +123,7 @@ def write_compressed_tensors(lm: LoadedModel, out, *, overwrite: bool = False) -
             g = groups.setdefault(_group_key(args, inputs), {"targets": [], "weights": args, "input_activations": inputs,
                                                               "output_activations": None, "format": None})
             g["targets"].append(name)
-            tensors.update(layer_tensors(name, mod))
+            tensors.update(layer_tensors(name, mod, zero_points == "padded"))
             types[name] = f"W{args['num_bits']}A{8 if inputs else 16}"
             continue
         if fmt is not None:
