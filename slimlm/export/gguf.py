@@ -160,7 +160,9 @@ def layer_tensor(name: str, mod: nn.Module, requantize: str | None) -> Tensor:
     grid = int_grid(mod)
     if grid is not None:
         codes, d, z, bits = grid
-        gtype = requantize if requantize in QUANT_TYPES and codes_fit(requantize, codes, z, bits) else native_type(bits, codes, z)
+        gtype = native_type(bits, codes, z)  # --requantize is only for layers with no native type
+        if gtype is None and requantize in QUANT_TYPES and codes_fit(requantize, codes, z, bits):
+            gtype = requantize
         if gtype is not None:
             return Tensor(pack_blocks(gtype, codes, d, z), gtype)
     if requantize is None:
