@@ -2,6 +2,7 @@
 
 from slimlm.compress import CompressResult, compress  # noqa: E402
 from slimlm.errors import SlimlmError  # noqa: E402
+from slimlm.export import ExportResult, export  # noqa: E402
 from slimlm.models import LoadedModel, ModelInfo, load  # noqa: E402
 from slimlm.recipe import Recipe, Step  # noqa: E402
 from slimlm.version import __version__  # noqa: E402
@@ -14,4 +15,6 @@ def generate(lm: LoadedModel, prompt: str | list[int], *, chat: bool = False, **
 
     return engine_for(lm).generate(prompt, GenConfig(**options), chat=chat).text  # type: ignore[union-attr]
 
-__all__ = ["CompressResult", "LoadedModel", "ModelInfo", "Recipe", "SlimlmError", "Step", "compress", "generate", "load", "__version__"]
+
+__all__ = ["CompressResult", "ExportResult", "LoadedModel", "ModelInfo", "Recipe", "SlimlmError", "Step", "compress",
+           "export", "generate", "load", "__version__"]
