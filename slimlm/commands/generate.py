@@ -11,6 +11,8 @@ import argparse
 import sys
 from typing import Any
 
+from slimlm.devices import DEVICE_HELP
+
 DTYPES = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -26,14 +28,16 @@ def gen_config(args: argparse.Namespace) -> Any:
 def make_engine(args: argparse.Namespace) -> Any:
     import torch
 
+    from slimlm.devices import resolve_device
     from slimlm.models import load
     from slimlm.runtime.engine import Engine
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = load(args.model, allow_pickle=args.allow_pickle)
+    device = resolve_device(args.device) if args.device else None  # one line for an absent or unknown device
+    lm = load(args.model, allow_pickle=args.allow_pickle, device=device or "cpu")
     dtype = DTYPES[args.dtype]
-    return Engine(lm, dtype=getattr(torch, dtype) if dtype else None, device=args.device, max_seq=args.max_seq,
+    return Engine(lm, dtype=getattr(torch, dtype) if dtype else None, device=device, max_seq=args.max_seq,
                   compile=args.compile)
 
 
@@ -116,7 +120,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
-    p.add_argument("--device", default=None, help="cpu, cuda, … (default: where the model loaded)")
+    p.add_argument("--device", default=None, help=f"{DEVICE_HELP}; default: the CPU")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                    help="activation dtype (auto: bf16 where int4/int8 kernels apply, else the model's)")
     p.add_argument("--max-seq", type=int, default=None, help="context held by the KV cache (default 2048)")

@@ -8,7 +8,6 @@ UTF-8 sequence, so the joined stream equals the final text exactly.
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import torch
 from torch import nn
 
+from slimlm.devices import timer
 from slimlm.errors import SlimlmError
 from slimlm.runtime.sampling import GenConfig, sample
 
@@ -90,11 +90,11 @@ def iter_generation(engine: "Engine", prompts: list[list[int]], cfg: GenConfig,
     eos = engine.eos_ids() if cfg.stop_at_eos else set()
     gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     rows = [_Row(list(p)) for p in prompts]
-    t0 = time.perf_counter()
+    t0 = timer(engine.device)  # timers wait for the device's queued kernels (CUDA runs asynchronously)
     logits = prefill(engine, prompts)
-    ttft = time.perf_counter() - t0
+    ttft = timer(engine.device) - t0
     budget = min(cfg.max_new_tokens, engine.max_seq - max(len(p) for p in prompts))
-    t_decode, steps = time.perf_counter(), 0
+    t_decode, steps = timer(engine.device), 0
     for step in range(budget):
         history = _history(rows) if cfg.repetition_penalty != 1.0 else None
         nxt = sample(logits, cfg, gen, history)
@@ -122,7 +122,7 @@ def iter_generation(engine: "Engine", prompts: list[list[int]], cfg: GenConfig,
             break
         logits = engine.forward(nxt[:, None])[:, -1]
         steps += 1
-    elapsed = time.perf_counter() - t_decode
+    elapsed = timer(engine.device) - t_decode
     for r, row in enumerate(rows):
         if not row.finish:
             row.finish = "length"

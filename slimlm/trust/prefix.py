@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from slimlm.eval.lm import Pair, SlimlmLM
+from slimlm.models.compat import cache_kwargs, output_cache
 
 MIN_PREFIX = 16  # tokens; a shorter shared prefix is not worth a cache
 
@@ -42,7 +43,7 @@ def score_shared_prefix(slm: SlimlmLM, pairs: Sequence[Pair]) -> list[float]:
     if p < MIN_PREFIX or longest > slm.max_length:
         return [ll for ll, _ in slm.score_pairs(pairs)]
     device = slm.device
-    prefix = slm.model(input_ids=torch.tensor([pairs[0][0][:p]], device=device), use_cache=True, logits_to_keep=1).past_key_values
+    prefix = output_cache(slm.model(input_ids=torch.tensor([pairs[0][0][:p]], device=device), use_cache=True, logits_to_keep=1))
     rest = [(c[p:], x) for c, x in pairs]
     order = sorted(range(len(rest)), key=lambda i: -(len(rest[i][0]) + len(rest[i][1])))
     out = [0.0] * len(rest)
@@ -62,7 +63,8 @@ def score_shared_prefix(slm: SlimlmLM, pairs: Sequence[Pair]) -> list[float]:
             keep[b] = torch.tensor(pos + [pos[-1]] * (n_keep - len(pos)))
         cache = copy.deepcopy(prefix)
         cache.batch_repeat_interleave(len(chunk))
-        logits = slm.model(input_ids=ids.to(device), past_key_values=cache, use_cache=True, logits_to_keep=keep.to(device)).logits
+        logits = slm.model(input_ids=ids.to(device), **cache_kwargs(slm.model, cache), use_cache=True,
+                           logits_to_keep=keep.to(device)).logits
         logp = F.log_softmax(logits.float(), dim=-1)  # (B, K, V)
         for b, i in enumerate(chunk):
             cont = rest[i][1]
