@@ -36,11 +36,19 @@ def _as_recipe(recipe: Recipe | str | Path) -> Recipe:
 
 
 def check_steps(lm: LoadedModel, steps: list[Step]) -> None:
-    """Refuse, before any work, a step whose declared needs this model cannot meet (one line)."""
+    """Refuse, before any work, a step whose declared needs this model cannot meet, or full training after
+    a step that packed the layers (it could update only norms and biases) — one line each."""
+    packer: tuple[int, str] | None = None
     for i, step in enumerate(steps, start=1):
         reason = refusal(step.method, step.config, lm.model, lm.arch)
         if reason:
             raise SlimlmError(f"step {i} {reason}", "drop or change this step for this model (see docs/architectures.md)")
+        method = METHODS.get(step.method)
+        if packer and method.trains_dense(step.config):
+            raise SlimlmError(f"step {i} {step.method}: step {packer[0]} ({packer[1]}) packs the layers, so training could "
+                              "update only norms and biases", f"put {step.method} before {packer[1]}, or set lora_r (QLoRA)")
+        if packer is None and not method.keeps_dense(step.config):
+            packer = (i, step.method)
 
 
 def step_context(lm: LoadedModel, recipe: Recipe) -> StepContext:

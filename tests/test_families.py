@@ -128,7 +128,7 @@ def test_scale_folds_keep_the_function(tiny, name: str) -> None:
     base = get(name)
     lm = slimlm.LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.info)
     cal = recipe("awq", root).split("steps:")[0]
-    slimlm.compress(lm, cal + "steps: [{awq: {quantize: false, n_grid: 4}}]\n")
+    slimlm.compress(lm, cal + "steps: [{awq: {quantize: false, group_size: 32, n_grid: 4}}]\n")
     ref = logits(base.model)
     moved = sum(not torch.equal(a, b) for a, b in zip(lm.model.parameters(), base.model.parameters()))
     assert moved > 0, "no scale was folded"
@@ -155,3 +155,19 @@ if __name__ == "__main__":  # the docs table: python tests/test_families.py > ta
     print()
     for text, i in reasons.items():
         print(f"{i}. {text}")
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if n != "gpt2"])
+def test_rows_name_real_modules(tiny, name: str) -> None:
+    """Every path of the architecture row exists in the model transformers builds for that family."""
+    from slimlm.models.arch import blocks, intermediate_size
+
+    lm = tiny[0](name)
+    arch = lm.arch
+    for path in (arch.embed, arch.final_norm, arch.lm_head):
+        lm.model.get_submodule(path)
+    block = blocks(lm.model, arch)[0]
+    for path in (*arch.qkv_paths(), arch.attn_path(arch.o), *arch.gate_up_paths(), arch.mlp_path(arch.down),
+                 arch.attn_norm, arch.mlp_norm, *arch.output_norms):
+        block.get_submodule(path)
+    assert intermediate_size(block, arch) == getattr(lm.model.config, arch.inter_key)

@@ -170,3 +170,12 @@ def test_multimodal_gemma3_is_refused_before_loading(tmp_path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": {"model_type": "gemma3_text"}}))
     with pytest.raises(SlimlmError, match="multimodal checkpoint"):
         slimlm.load(tmp_path)
+
+
+def test_full_training_after_a_packing_step_is_refused_up_front(tiny) -> None:
+    get, root, cal = tiny
+    base = get("llama")
+    lm = slimlm.LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.info)
+    with pytest.raises(SlimlmError, match="packs the layers"):
+        slimlm.compress(lm, cal + "steps:\n  - rtn: {bits: 4, group_size: 32}\n  - distill: {steps: 1}\n")
+    assert all(type(m) is nn.Linear for m in block_linears(blocks(lm.model, lm.arch)[0], lm.arch).values())

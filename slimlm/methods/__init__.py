@@ -69,7 +69,8 @@ class Method:
     """A registered step. ``needs``: architecture facts the step relies on for this config (names in
     :data:`slimlm.models.arch.NEEDS`), checked for every step before a recipe does any work.
     ``keeps_dense``: the step leaves trainable dense layers (pruning with zeros, structural removal),
-    so training may follow it; packing steps (quantized, factored formats) do not."""
+    so training may follow it; packing steps (quantized, factored formats) do not. ``trains_dense``: the
+    step trains full weights, so it must not follow a packing step (it would update norms and biases only)."""
 
     name: str
     config: type[StepConfig]
@@ -77,18 +78,20 @@ class Method:
     needs_calibration: Callable[[StepConfig], bool] = _always
     needs: Callable[[StepConfig], frozenset[str]] = _nothing
     keeps_dense: Callable[[StepConfig], bool] = _never
+    trains_dense: Callable[[StepConfig], bool] = _never
 
 
 METHODS: Registry[Method] = Registry("method", "slimlm.methods")
 
 
 def register_method(name: str, config: type[StepConfig], *, needs_calibration: Callable[[Any], bool] | None = None,
-                    needs: Callable[[Any], frozenset[str]] | None = None, keeps_dense: Callable[[Any], bool] | None = None):
+                    needs: Callable[[Any], frozenset[str]] | None = None, keeps_dense: Callable[[Any], bool] | None = None,
+                    trains_dense: Callable[[Any], bool] | None = None):
     """Decorator: register ``run`` under ``name`` with its config type and declared requirements."""
 
     def wrap(run: Callable[..., StepReport]) -> Callable[..., StepReport]:
         METHODS.register(name, Method(name, config, run, needs_calibration or _always, needs or _nothing,
-                                      keeps_dense or _never))
+                                      keeps_dense or _never, trains_dense or _never))
         return run
 
     return wrap

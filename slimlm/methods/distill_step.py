@@ -26,7 +26,8 @@ class DistillStepConfig(DistillConfig, StepConfig):
     progress: bool = False
 
 
-@register_method("distill", DistillStepConfig, needs_calibration=lambda cfg: False, keeps_dense=lambda cfg: True)
+@register_method("distill", DistillStepConfig, needs_calibration=lambda cfg: False, keeps_dense=lambda cfg: True,
+                 trains_dense=lambda cfg: not cfg.lora_r)  # LoRA adapters also train on packed layers (QLoRA)
 def run_distill(ctx: StepContext, cfg: DistillStepConfig) -> StepReport:
     from slimlm.models.load import load
 

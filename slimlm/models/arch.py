@@ -61,8 +61,9 @@ class Arch:
     head_dim_key: str | None = "head_dim"
     inter_key: str = "intermediate_size"  # MLP width in the config (OPT: ffn_dim)
     heads_from_config: bool = False  # attention reads head counts from the shared config at run time (phi3)
-    layer_types_key: str | None = "layer_types"  # per-block list (sliding/full attention) that follows the blocks
-    sliding_window_key: str | None = "sliding_window"
+    # Per-block list of attention kinds (sliding-window / full; Gemma, Qwen, Mistral): it must follow
+    # the blocks when some are removed, or the kept blocks get another block's window.
+    layer_types_key: str | None = "layer_types"
     refused: str | None = None  # the whole family is refused with this reason
 
     @property

@@ -10,8 +10,9 @@ Importance is the energy of each structure's contribution to the block output on
   ``H = Σ zᵀz`` over the o-projection inputs ``z`` — the squared norm of the group's output share.
 
 Every block keeps the same number of neurons and groups (each block picks its own), so the result is
-a standard model whose config says ``intermediate_size``, ``num_attention_heads`` and
-``num_key_value_heads``; it saves and reloads with plain ``transformers``.
+a standard model whose config says the new MLP width and head counts (under the keys the
+architecture row names, e.g. ``intermediate_size`` / OPT's ``ffn_dim``); it saves and reloads with plain
+``transformers``. Fused projections (phi3's ``qkv_proj``, ``gate_up_proj``) are sliced by row range.
 """
 
 from __future__ import annotations
