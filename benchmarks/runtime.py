@@ -61,7 +61,7 @@ def cpu_lock(path: str = "/tmp/slimlm-cpu.lock") -> Iterator[None]:
 def cache_root() -> Path:
     from slimlm.models.load import cache_dir
 
-    return cache_dir() / "bench-runtime"
+    return Path(os.environ.get("SLIMLM_BENCH_CACHE", cache_dir() / "bench-runtime"))
 
 
 def prompt(lm: Any, n: int) -> list[int]:
@@ -223,6 +223,7 @@ def main() -> None:
     p.add_argument("--llama-cpp", type=Path, default=Path("/work/tools/lc/llama_cpp_python-0.3.36"),
                    help="unpacked llama-cpp-python sdist (for convert_hf_to_gguf.py)")
     p.add_argument("--no-lock", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results JSON (runs of other models in it are kept)")
     p.add_argument("--row", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -264,11 +265,11 @@ def main() -> None:
             results[model] = {"config": {k: getattr(a, k) for k in ("threads", "prompt_tokens", "new_tokens",
                                                                     "prefill_tokens", "repeats", "batch", "compile")},
                               "started": started, "rows": table}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    results = {**(json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}), **results}  # other models' runs stay
-    tmp = RESULTS.with_suffix(".tmp")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    results = {**(json.loads(a.out.read_text()) if a.out.is_file() else {}), **results}  # other models' runs stay
+    tmp = a.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, a.out)
     print(markdown(results))
 
 
