@@ -19,6 +19,7 @@ format GPTQ writes, so speed rows use RTN, which takes seconds instead of minute
 from __future__ import annotations
 
 import argparse
+import ctypes
 import fcntl
 import json
 import os
@@ -74,13 +75,14 @@ def prompt(lm: Any, n: int) -> list[int]:
 def prepare(model: str, llama_cpp: Path | None) -> dict[str, Path]:
     """Artifacts for the engine rows and GGUFs for llama.cpp (built once, cached)."""
     import slimlm
+    from slimlm.recipe import Recipe
 
     root = cache_root() / model
     paths: dict[str, Path] = {}
     for name, recipe in RECIPES.items():
         out = root / name
         if not (out / "slimlm.json").is_file():
-            slimlm.compress(model, recipe, out, overwrite=True)
+            slimlm.compress(model, Recipe.from_yaml(recipe), out, overwrite=True)
         paths[name] = out
     if llama_cpp is None:
         return paths
@@ -102,7 +104,7 @@ def prepare(model: str, llama_cpp: Path | None) -> dict[str, Path]:
             params.ftype = getattr(lc, f"LLAMA_FTYPE_MOSTLY_{qtype}")
             params.nthread = 2
             tmp_out = out.with_suffix(".tmp")
-            if lc.llama_model_quantize(str(f32).encode(), str(tmp_out).encode(), params) != 0:
+            if lc.llama_model_quantize(str(f32).encode(), str(tmp_out).encode(), ctypes.byref(params)) != 0:
                 raise SystemExit(f"llama.cpp could not quantize {f32} to {qtype}")
             os.replace(tmp_out, out)
         paths[f"llamacpp-{qtype}"] = out
@@ -232,7 +234,11 @@ def main() -> None:
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for model in a.models.split(","):
             lcpp = a.llama_cpp if any(r.startswith("llamacpp") for r in rows) and a.llama_cpp.is_dir() else None
-            paths = prepare(model, lcpp)
+            try:
+                paths = prepare(model, lcpp)
+            except (Exception, SystemExit) as exc:  # llama.cpp missing or failing: the engine rows still run
+                print(f"llama.cpp GGUFs unavailable ({exc}); engine rows only", file=sys.stderr)
+                paths = prepare(model, None)
             table: dict[str, Any] = {}
             for row in rows:
                 key = row.removeprefix("engine-")
