@@ -104,9 +104,51 @@ def timed(fn):
     return res, time.perf_counter() - t0
 
 
+def summarize(rows: list[dict], names: list[str]) -> dict:
+    """Medians over prompts, per task and draft."""
+    summary = {}
+    for task in dict.fromkeys(r["task"] for r in rows):
+        rs = [r for r in rows if r["task"] == task]
+        summary[task] = {"prompts": len(rs), "target_tok_s": statistics.median(r["target_tok_s"] for r in rs)}
+        for name in names:
+            ds = [r["drafts"][name] for r in rs]
+            summary[task][name] = {"speedup": statistics.median(d["speedup"] for d in ds),
+                                   "decode_speedup": statistics.median(d["decode_speedup"] for d in ds),
+                                   "tok_s": statistics.median(d["tok_s"] for d in ds),
+                                   "acceptance": statistics.median(d["acceptance"] for d in ds),
+                                   "tokens_per_target_forward": statistics.median(r["new_tokens"] / d["target_forwards"]
+                                                                                  for r, d in zip(rs, ds)),
+                                   "identical": f"{sum(d['identical'] for d in ds)}/{len(ds)}"}
+    return summary
+
+
+def write(out: Path, result: dict) -> None:
+    """Atomic write, after every prompt: a run cut short still leaves its rows."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, out)
+
+
+def forward_ms(engine: Engine, ctx: int = 256, sizes: tuple[int, ...] = (1, 2, 5, 9), reps: int = 5) -> dict[str, float]:
+    """Median ms of one target forward of T tokens after ``ctx`` cached tokens: what a verify block costs."""
+    engine.reset(1)
+    engine.forward(torch.zeros(1, ctx, dtype=torch.long))
+    out = {}
+    for t in sizes:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            engine.forward(torch.zeros(1, t, dtype=torch.long))
+            times.append(time.perf_counter() - t0)
+            engine.truncate(ctx)
+        out[str(t)] = 1000 * statistics.median(times)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--format", choices=["fp32", "bf16", "int4"], default="fp32",
@@ -143,9 +185,15 @@ def main() -> None:
         "open": [tok(p)["input_ids"][:64] for p in paragraphs(args.prompts, tok, 80, 400)],
     }
     target.generate(tasks["open"][0], GenConfig(max_new_tokens=8))  # warm-up
-    rows = []
-    for task, prompts in tasks.items():
-        for i, ids in enumerate(prompts):
+    draft_lm = drafts["model"].engine.lm.info
+    result = {"config": {**vars(args), "draft_model": str(draft_src), "draft_blocks": draft_lm.n_layers,
+                         "target_kernels": sorted(set(target.paths)), "engine_dtype": str(target.dtype),
+                         "draft_params": draft_lm.n_params, "target_params": target.lm.info.n_params, "spec": vars(spec)},
+              "target_forward_ms": forward_ms(target), "meta": run_metadata()}
+    rows: list[dict] = []
+    for i in range(args.prompts):  # tasks interleaved: a run cut short still has both
+        for task, prompts in tasks.items():
+            ids = prompts[i]
             base, t_base = timed(lambda: target.generate(ids, cfg))
             row = {"task": task, "prompt": i, "prompt_tokens": len(ids), "new_tokens": len(base.tokens),
                    "target_s": t_base, "target_tok_s": len(base.tokens) / t_base, "target_decode_s": t_base - base.ttft_s, "drafts": {}}
@@ -158,28 +206,8 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "drafts"}),
                   {n: (round(d["speedup"], 2), round(d["acceptance"], 2), d["identical"]) for n, d in row["drafts"].items()}, flush=True)
-    summary = {}
-    for task in tasks:
-        rs = [r for r in rows if r["task"] == task]
-        summary[task] = {"target_tok_s": statistics.median(r["target_tok_s"] for r in rs)}
-        for name in drafts:
-            ds = [r["drafts"][name] for r in rs]
-            summary[task][name] = {"speedup": statistics.median(d["speedup"] for d in ds),
-                                   "decode_speedup": statistics.median(d["decode_speedup"] for d in ds),
-                                   "tok_s": statistics.median(d["tok_s"] for d in ds),
-                                   "acceptance": statistics.median(d["acceptance"] for d in ds),
-                                   "identical": f"{sum(d['identical'] for d in ds)}/{len(ds)}"}
-    draft_lm = drafts["model"].engine.lm.info
-    result = {"config": {**vars(args), "draft_model": str(draft_src), "draft_blocks": draft_lm.n_layers,
-                         "target_kernels": sorted(set(target.paths)), "engine_dtype": str(target.dtype),
-                         "draft_params": draft_lm.n_params, "target_params": target.lm.info.n_params, "spec": vars(spec)},
-              "summary": summary, "rows": rows, "meta": run_metadata()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str))
-    os.replace(tmp, out)
-    print(json.dumps(summary, indent=1))
+            write(Path(args.out), {**result, "summary": summarize(rows, list(drafts)), "rows": rows})
+    print(json.dumps(summarize(rows, list(drafts)), indent=1))
 
 
 if __name__ == "__main__":

@@ -135,3 +135,12 @@ def test_make_draft_validates_its_spec(small_pair) -> None:
     for bad in ("self:8", "self:x", "self"):
         with pytest.raises(SlimlmError, match="draft"):
             make_draft(bad, target)
+
+
+def test_cli_speculates_with_prompt_lookup(capsys) -> None:
+    from slimlm.cli import main
+
+    assert main(["speculate", "default", "one two three four one two three four one two", "--draft", "lookup",
+                 "--max-new-tokens", "6", "--max-seq", "128"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() and "draft lookup: acceptance" in out.err

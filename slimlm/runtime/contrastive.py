@@ -69,7 +69,15 @@ def guided_generate(engines: Sequence[Engine], combine: Combine, prompt: str | l
     gen = new_generator(cfg)
     out = Emitter(lead, cfg, budget, on_token)
     t0 = time.perf_counter()
-    logits = [prefill(e, [ids])[:, :width].to(lead.device) for e in engines]
+    distinct = list({id(e): e for e in engines}.values())  # one engine passed twice is run (and cached) once
+    slot = [next(i for i, d in enumerate(distinct) if d is e) for e in engines]
+
+    def step(feed: list[int] | None) -> list[torch.Tensor]:
+        rows = [(prefill(e, [ids]) if feed is None else e.forward(torch.tensor([feed], device=e.device))[:, -1])[:, :width]
+                for e in distinct]
+        return [rows[i].to(lead.device) for i in slot]
+
+    logits = step(None)
     ttft = 0.0
     ctx = list(ids)
     while True:
@@ -80,7 +88,7 @@ def guided_generate(engines: Sequence[Engine], combine: Combine, prompt: str | l
         if out.finished:
             break
         ctx.append(tok)
-        logits = [e.forward(torch.tensor([[tok]], device=e.device))[:, -1, :width].to(lead.device) for e in engines]
+        logits = step([tok])
     n = len(out.tokens)
     dt = time.perf_counter() - t0 - ttft
     return GenResult(text=out.text, tokens=out.tokens, prompt_tokens=len(ids), finish_reason=out.reason, logprobs=out.logprobs,
