@@ -120,3 +120,34 @@ def test_lowrank_runs_both_factors_through_their_own_kernels() -> None:
 def test_dense_fp32_reuses_the_weight() -> None:
     lin = nn.Linear(64, 32)
     check([lin], "dense", tol=1e-6, dtype=torch.float32)
+
+
+def test_real_model_int4_and_nf4_layers_match_their_reference(capsys) -> None:
+    """SmolLM2 (4 blocks): RTN-4 g128 on K = 576 runs int4pack (as g64 groups) and an NF4 layer the cached
+    dequantized path with a one-line notice; engine logits track the model's own (dequantizing) forward."""
+    import slimlm
+    from slimlm.methods.prune.layerdrop import drop_blocks
+    from slimlm.models.arch import block_linears, blocks, set_module
+    from slimlm.runtime.engine import Engine
+
+    lm = slimlm.load("default")
+    drop_blocks(lm.model, lm.arch, set(range(4, lm.info.n_layers)))
+    for block in blocks(lm.model, lm.arch):
+        for path, lin in block_linears(block, lm.arch).items():
+            set_module(block, path, QuantLinear.from_quantized(round_to_nearest(lin.weight.detach(), 4, 128, False), None))
+    down = blocks(lm.model, lm.arch)[0].mlp.down_proj
+    nf4 = NF4Linear(down.in_features, down.out_features, bias=False)
+    for name, t in nf4_quantize(down.weight.detach()).items():
+        setattr(nf4, name, t)
+    blocks(lm.model, lm.arch)[0].mlp.down_proj = nf4
+    eng = Engine(lm)
+    notice = capsys.readouterr().err
+    assert notice.count("\n") == 1 and "dequantized" in notice  # one line naming the path taken
+    assert eng.dtype == torch.bfloat16 and eng.paths == {"int4pack": 4 * 4 - 1, "dequantized": 1, "dense": 1}
+    ids = torch.tensor([eng.encode("The quick brown fox jumps over the lazy dog because it wants to")])
+    with torch.no_grad():
+        ref = lm.model(ids).logits
+    eng.reset(1)
+    got = eng.forward(ids)
+    assert rel_err(got, ref) < 0.03
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.85
