@@ -67,7 +67,7 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
-def level(url: str, clients: int, per_client: int, max_tokens: int, metrics) -> list[dict]:
+def level(url: str, clients: int, per_client: int, max_tokens: int) -> list[dict]:
     out: list[dict] = []
     lock = threading.Lock()
 
@@ -109,7 +109,7 @@ def main() -> None:
             per_client = len(PROMPTS) if clients == 1 else max(1, args.requests // clients)
             b0, r0 = m.value("slimlm_batches_total", model="default"), m.value("slimlm_batch_rows_total", model="default")
             t0 = time.perf_counter()
-            rs = level(srv.url, clients, per_client, args.max_tokens, m)
+            rs = level(srv.url, clients, per_client, args.max_tokens)
             wall = time.perf_counter() - t0
             if clients == 1:
                 reference = {r["prompt"]: r["text"] for r in rs if r["ok"]}
