@@ -70,7 +70,7 @@ def flat(run) -> dict[str, dict[str, list[float]]]:
     return {task: {m.name: [m.value, m.se] for m in ms} for task, ms in run.tasks.items()}
 
 
-def trust_stage(model: str, variants: list[str], args: argparse.Namespace, cache: Path) -> dict:
+def trust_stage(model: str, variants: list[str], args: argparse.Namespace, cache: Path, save) -> dict:
     """fp and each compressed variant on the same items; each variant compared with fp, paired."""
     perts = {"perturbations": args.perturbations.split(",")}
     overrides = {"truthfulqa": {"limit": args.truthfulqa}, "crows_pairs": {"limit": args.crows},
@@ -84,6 +84,7 @@ def trust_stage(model: str, variants: list[str], args: argparse.Namespace, cache
     out["fp"] = {"metrics": flat(base), "n": base.n, "seconds": time.perf_counter() - t0, "task_seconds": base.seconds}
     del fp
     print(f"{model}/fp done in {time.perf_counter() - t0:.0f}s", flush=True)
+    save(out)
     for v in variants:
         t0 = time.perf_counter()
         lm, made = make_variant(model, v, cache, args)
@@ -91,6 +92,7 @@ def trust_stage(model: str, variants: list[str], args: argparse.Namespace, cache
         out[v] = {"metrics": flat(run), "compare": compare(run, base), "make_seconds": made,
                   "seconds": time.perf_counter() - t0, "task_seconds": run.seconds}
         print(f"{model}/{v} done in {time.perf_counter() - t0:.0f}s (make {made:.0f}s)", flush=True)
+        save(out)
         del lm
     return out
 
@@ -219,6 +221,18 @@ def main() -> None:
         return
     res["meta"] = {**run_metadata(), "args": vars(args)}
     stages = args.only.split(",") if args.only else ["default", "canary", "gemma3-270m"]
+
+    def write() -> None:
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1, default=str))
+        tmp.replace(out)
+
+    def saver(stage: str):
+        def save(part: dict) -> None:  # after every model, so an interrupted run keeps what it measured
+            res[stage] = part
+            write()
+        return save
+
     for stage in stages:
         t0 = time.perf_counter()
         try:
@@ -226,14 +240,12 @@ def main() -> None:
                 res["canary"] = canary_stage(args, cache)
             else:
                 variants = list(VARIANTS) if stage == "default" else ["gptq4"]
-                res[stage] = trust_stage(stage, variants, args, cache)
+                res[stage] = trust_stage(stage, variants, args, cache, saver(stage))
         except Exception:  # one failed stage must not lose the others' figures
             traceback.print_exc()
             continue
         res.setdefault("stage_seconds", {})[stage] = time.perf_counter() - t0
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1, default=str))
-        tmp.replace(out)
+        write()
         print(f"stage {stage}: {time.perf_counter() - t0:.0f}s -> {out}", flush=True)
     print(tables(res))
 

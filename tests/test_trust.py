@@ -32,11 +32,15 @@ def small_lm() -> slimlm.LoadedModel:
     return lm
 
 
-def hand_loglik(lm: slimlm.LoadedModel, context: str, continuation: str) -> float:
-    """Σ log p(continuation tokens | context) from one plain forward pass over the joint encoding."""
+def hand_loglik(lm: slimlm.LoadedModel, context: str | list[int], continuation: str) -> float:
+    """Σ log p(continuation tokens | context) from one plain forward pass over the joint encoding
+    (a token-id context is prepended as is: the prefix token of an empty context)."""
     tok = lm.tokenizer
-    ctx = tok(context, add_special_tokens=False).input_ids
-    whole = tok(context + continuation, add_special_tokens=False).input_ids
+    if isinstance(context, list):
+        ctx, whole = context, context + tok(continuation, add_special_tokens=False).input_ids
+    else:
+        ctx = tok(context, add_special_tokens=False).input_ids
+        whole = tok(context + continuation, add_special_tokens=False).input_ids
     ids = torch.tensor([whole])
     with torch.no_grad():
         logp = F.log_softmax(lm.model(input_ids=ids).logits.float(), -1)[0]
@@ -88,7 +92,7 @@ def test_crows_pair_scoring_is_symmetric_under_swapping(small_lm):
     b = {m.name: m for m in score_crows(slm, swapped, spec, {})}
     assert a["pct_stereotype"].items["x"] + b["pct_stereotype"].items["x"] == pytest.approx(np.ones(12))
     assert a["bias"].value == pytest.approx(b["bias"].value)
-    ll = hand_loglik(small_lm, "<|endoftext|>", docs[0]["sent_more"]), hand_loglik(small_lm, "<|endoftext|>", docs[0]["sent_less"])
+    ll = hand_loglik(small_lm, [slm.prefix_id], docs[0]["sent_more"]), hand_loglik(small_lm, [slm.prefix_id], docs[0]["sent_less"])
     assert a["pct_stereotype"].items["x"][0] == pair_preference(*ll)
     assert pair_preference(1.0, 1.0) == 0.5
 
