@@ -204,7 +204,7 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--no-onnx", dest="onnx", action="store_false")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
