@@ -83,11 +83,10 @@ def save_artifact(lm: LoadedModel, out: str | Path, *, recipe_yaml: str, storage
                   report: dict[str, Any], overwrite: bool = False) -> Path:
     """Write ``lm`` as an artifact folder at ``out`` atomically; returns the folder."""
     out = check_output(out, overwrite=overwrite)
+    tmp: Path | None = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as exc:
-        raise _write_error(exc, out) from None
-    try:
+        with _signals_deferred():  # a Ctrl-C just after mkdtemp must still find `tmp` set for the cleanup
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         save_file(_tensors_for_disk(lm.model, storage_dtype), str(tmp / WEIGHTS), metadata={"format": "pt"})
         lm.model.config.save_pretrained(str(tmp))
         lm.tokenizer.save_pretrained(str(tmp))
@@ -117,7 +116,8 @@ def save_artifact(lm: LoadedModel, out: str | Path, *, recipe_yaml: str, storage
     except OSError as exc:  # disk full, permissions: nothing half-written stays behind (finally below)
         raise _write_error(exc, out) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
