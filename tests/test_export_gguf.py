@@ -26,7 +26,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,",
            "Water boils at a temperature of", "The three primary colors are", "import numpy as np\nx ="]
 RTN4 = "steps:\n  - rtn: {bits: 4, group_size: 128}\n"
-LOGIT_TOL = 0.03  # max |Δlogit| / max |logit| per position (activation rounding inside llama.cpp)
+LOGIT_TOL = 0.05  # max |Δlogit| / max |logit| per position (activation rounding inside llama.cpp)
 
 
 def truncated(keep: list[int], recipe: str = RTN4) -> slimlm.LoadedModel:
