@@ -27,7 +27,7 @@ from torch import nn
 from slimlm.errors import SlimlmError
 from slimlm.layers import FORMATS
 from slimlm.models.info import MANIFEST, LoadedModel
-from slimlm.models.load import file_hash
+from slimlm.models.manifest import file_hash
 from slimlm.models.manifest import FORMAT_VERSION, WEIGHTS, load_artifact, read_manifest
 from slimlm.version import __version__
 

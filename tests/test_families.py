@@ -128,7 +128,8 @@ def test_scale_folds_keep_the_function(tiny, name: str) -> None:
     base = get(name)
     lm = slimlm.LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.info)
     cal = recipe("awq", root).split("steps:")[0]
-    slimlm.compress(lm, cal + "steps: [{awq: {quantize: false, group_size: 32, n_grid: 4}}]\n")
+    # float32 storage: the fp16 rounding every artifact gets would blur the comparison by ~1e-4
+    slimlm.compress(lm, cal + "storage_dtype: float32\nsteps: [{awq: {quantize: false, group_size: 32, n_grid: 4}}]\n")
     ref = logits(base.model)
     moved = sum(not torch.equal(a, b) for a, b in zip(lm.model.parameters(), base.model.parameters()))
     assert moved > 0, "no scale was folded"

@@ -36,14 +36,14 @@ def tiny(tmp_path_factory):
 @pytest.fixture
 def llama4(tiny, tmp_path):
     """A 4-block tiny llama saved as a folder (blocks are what layer drop removes)."""
-    from tiny_models import FAMILIES, build, char_tokenizer
+    from tiny_models import VARIANTS, build, char_tokenizer
 
     get, root, _ = tiny
-    FAMILIES["llama4"] = dict(FAMILIES["llama"], num_hidden_layers=4)
+    VARIANTS["llama-4-blocks"] = ("llama", {"num_hidden_layers": 4})  # not "llama4": that is a real (MoE) model type
     try:
-        folder = build("llama4", tmp_path / "llama4", char_tokenizer((root / "text.txt").read_text()))
+        folder = build("llama-4-blocks", tmp_path / "llama4", char_tokenizer((root / "text.txt").read_text()))
     finally:
-        del FAMILIES["llama4"]
+        del VARIANTS["llama-4-blocks"]
     return folder
 
 

@@ -41,7 +41,7 @@ from slimlm.distill.data import TopKCache, dense_from_topk, pair_batch, read_pai
 from slimlm.distill.losses import LOSS_NAMES, check_loss, divergence, hidden_mse, lm_loss, teacher_log_probs, uniform_layer_map
 from slimlm.errors import SlimlmError
 from slimlm.layers.sparse import pruned_zeros, restore_zeros
-from slimlm.runtime.decode import continue_ids
+from slimlm.runtime.continuation import continue_ids
 from slimlm.runtime.sampling import GenConfig
 
 

@@ -219,12 +219,29 @@ def permute_rows(mod: nn.Module, order: torch.Tensor) -> nn.Module:
     elif isinstance(mod, nn.Linear):
         out = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
         out.weight = nn.Parameter(mod.weight.detach()[order])
+    elif callable(getattr(mod, "weight_dequantized", None)):
+        return _Reordered(mod, order)
     else:
         raise SlimlmError(f"cannot reorder the rows of a {_describe(mod)} layer for llama.cpp's rotary layout",
-                          "pass --requantize Q8_0 | F16")
+                          "export it with --format onnx or compressed-tensors, or leave q/k out of that step")
     if mod.bias is not None:
         out.bias = nn.Parameter(mod.bias.detach()[order])
     return out
+
+
+class _Reordered(nn.Module):
+    """A q/k layer whose format has no exact row permutation (NF4, …), seen through its dequantized weight
+    with rows reordered: refused like the layer itself, or re-rounded with ``--requantize``."""
+
+    def __init__(self, inner: nn.Module, order: torch.Tensor) -> None:
+        super().__init__()
+        self.format, self.order = getattr(inner, "format", type(inner).__name__), order
+        self.inner = inner
+        self.bias = None if getattr(inner, "bias", None) is None else nn.Parameter(inner.bias.detach()[order])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.inner.weight_dequantized(torch.float32)[self.order]
 
 
 def _hf_tensors(lm: LoadedModel) -> list[tuple[str, nn.Module | torch.Tensor]]:

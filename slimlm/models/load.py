@@ -23,6 +23,7 @@ from torch import nn
 from slimlm.devices import resolve_device, resolve_dtype
 from slimlm.errors import SlimlmError
 from slimlm.models.arch import arch_for
+from slimlm.models.manifest import file_hash
 from slimlm.models.info import MANIFEST, LoadedModel, ModelInfo, adds_bos, count_params, make_info
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,14 +32,6 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def cache_dir() -> Path:
     """Where converted GGUF models live: ``$SLIMLM_CACHE`` or ``~/.cache/slimlm``."""
     return Path(os.environ.get("SLIMLM_CACHE", Path.home() / ".cache" / "slimlm"))
-
-
-def file_hash(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def folder_hash(path: Path) -> str:

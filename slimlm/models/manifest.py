@@ -6,6 +6,7 @@ Writing lives in :mod:`slimlm.artifact`; this side needs only the model facts an
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,17 @@ from slimlm.errors import SlimlmError
 from slimlm.layers import FORMATS
 from slimlm.models.arch import set_module
 from slimlm.models.info import MANIFEST, LoadedModel, make_info
-from slimlm.models.load import file_hash
 
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
+
+
+def file_hash(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 REMAKE = "re-create the artifact with `slimlm compress`"

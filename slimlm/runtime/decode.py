@@ -8,21 +8,29 @@ UTF-8 sequence, so the joined stream equals the final text exactly.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-from torch import nn
 
 from slimlm.devices import timer
 from slimlm.errors import SlimlmError
 from slimlm.runtime.sampling import GenConfig, sample
 
-if TYPE_CHECKING:
-    from slimlm.runtime.engine import Engine, GenResult
 
 Event = tuple[int, int, str]  # (row, token id, text delta)
+PREFILL_CHUNK = 256  # tokens per prefill forward
+
+
+@dataclass
+class GenResult:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" | "length" | "eos"
+    logprobs: list[float]  # log-softmax of the model's logits at each generated token
+    ttft_s: float
+    decode_tok_s: float
 
 
 @dataclass
@@ -51,7 +59,7 @@ def _safe_end(text: str, stops: list[str]) -> int:
     return max(end, 0)
 
 
-def check_prompts(engine: "Engine", prompts: list[list[int]]) -> None:
+def check_prompts(engine: Any, prompts: list[list[int]]) -> None:
     for p in prompts:
         if not p:
             raise SlimlmError("empty prompt", "pass at least one token of text")
@@ -60,9 +68,8 @@ def check_prompts(engine: "Engine", prompts: list[list[int]]) -> None:
                               f"shorten the prompt (or raise max_seq, up to the model's {engine.context_limit})")
 
 
-def prefill(engine: "Engine", prompts: list[list[int]], chunk: int = 0) -> torch.Tensor:
+def prefill(engine: Any, prompts: list[list[int]], chunk: int = 0) -> torch.Tensor:
     """Reset the cache for these rows, run the prompts in chunks; (B, V) logits at each row's last token."""
-    from slimlm.runtime.engine import PREFILL_CHUNK
 
     chunk = chunk or PREFILL_CHUNK
     bsz, longest = len(prompts), max(len(p) for p in prompts)
@@ -79,10 +86,9 @@ def prefill(engine: "Engine", prompts: list[list[int]], chunk: int = 0) -> torch
     return out
 
 
-def iter_generation(engine: "Engine", prompts: list[list[int]], cfg: GenConfig,
-                    results: list["GenResult"] | None = None) -> Iterator[Event]:
+def iter_generation(engine: Any, prompts: list[list[int]], cfg: GenConfig,
+                    results: list[GenResult] | None = None) -> Iterator[Event]:
     """Yield (row, token, delta) per generated token; fill ``results`` (if given) at the end."""
-    from slimlm.runtime.engine import GenResult
 
     cfg.validate()
     check_prompts(engine, prompts)
@@ -147,34 +153,8 @@ def _history(rows: list[_Row]) -> torch.Tensor:
     return torch.tensor([s + [s[-1]] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
-@torch.no_grad()
-def continue_ids(model: nn.Module, ids: torch.Tensor, new_tokens: int, cfg: GenConfig,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, P + new_tokens): each row of ``ids`` continued by sampling, EOS ignored.
-
-    For a model being trained (on-policy distillation): a fresh engine per call reads the live
-    weights (LoRA wrappers run their own forward), in the model's own dtype.
-    """
-    from slimlm.models.arch import arch_for
-    from slimlm.runtime.engine import Engine
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    lm = SimpleNamespace(model=base, tokenizer=None, arch=arch_for(base.config.model_type),
-                         info=SimpleNamespace(add_bos=False, source="student"))
-    dtype = next(p.dtype for p in base.parameters() if p.is_floating_point())
-    engine = Engine(lm, max_batch=len(ids), max_seq=ids.shape[1] + new_tokens, dtype=dtype, notice=False)
-    logits = prefill(engine, ids.tolist())
-    out = [ids.cpu()]
-    for step in range(new_tokens):
-        nxt = sample(logits, cfg, generator)
-        out.append(nxt[:, None].cpu())
-        if step < new_tokens - 1:
-            logits = engine.forward(nxt[:, None])[:, -1]
-    return torch.cat(out, 1).to(ids.device)
-
-
-def run_generation(engine: "Engine", prompts: list[list[int]], cfg: GenConfig,
-                   on_token: Callable[[int, str], None] | None = None) -> list["GenResult"]:
+def run_generation(engine: Any, prompts: list[list[int]], cfg: GenConfig,
+                   on_token: Callable[[int, str], None] | None = None) -> list[GenResult]:
     """Run to completion; ``on_token(token, delta)`` sees every event of a single-prompt call."""
     results: list[GenResult] = []
     for _row, token, delta in iter_generation(engine, prompts, cfg, results):

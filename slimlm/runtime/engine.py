@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -29,21 +28,10 @@ from torch import nn
 from slimlm.errors import SlimlmError
 from slimlm.models.arch import Arch, blocks, get_module
 from slimlm.runtime.kernels import Kernel, build_kernel, describe, int4_ok, int8_ok, kernel_paths
+from slimlm.runtime.decode import GenResult, iter_generation, run_generation
 from slimlm.runtime.sampling import GenConfig
 
 DEFAULT_MAX_SEQ = 2048
-PREFILL_CHUNK = 256
-
-
-@dataclass
-class GenResult:
-    text: str
-    tokens: list[int]
-    prompt_tokens: int
-    finish_reason: str  # "stop" | "length" | "eos"
-    logprobs: list[float]  # log-softmax of the model's logits at each generated token
-    ttft_s: float
-    decode_tok_s: float
 
 
 class _Norm:
@@ -86,7 +74,9 @@ def _swap_halves(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (2, shape[-1] // 2)).flip(-2).reshape(shape)
 
 
-_ENGINES: "weakref.WeakKeyDictionary[nn.Module, Engine]" = weakref.WeakKeyDictionary()
+# The engine lives on its model (a plain attribute, not a submodule): a dict keyed by the model would keep
+# every model alive for good, since the engine refers back to it — model and engine are freed together.
+_ENGINE_ATTR = "_slimlm_engine"
 
 
 def engine_for(lm: Any, *, max_seq: int | None = None, **kwargs: Any) -> "Engine":
@@ -94,10 +84,10 @@ def engine_for(lm: Any, *, max_seq: int | None = None, **kwargs: Any) -> "Engine
 
     A different ``max_seq`` only re-sizes the cache and rotary tables; batches grow it on ``reset``.
     """
-    eng = _ENGINES.get(lm.model)
+    eng = lm.model.__dict__.get(_ENGINE_ATTR)
     if eng is None or eng.options != kwargs:
         eng = Engine(lm, max_seq=max_seq, **kwargs)
-        _ENGINES[lm.model] = eng
+        lm.model.__dict__[_ENGINE_ATTR] = eng
     elif max_seq is not None:
         eng.set_max_seq(max_seq)
     return eng
@@ -353,7 +343,6 @@ class Engine:
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]], cfg: GenConfig | None = None,
                  on_token: Callable[[int, str], None] | None = None, *, chat: bool = False) -> "GenResult | list[GenResult]":
         """Generate for one prompt (→ GenResult) or a batch (→ list, rows decoded together)."""
-        from slimlm.runtime.decode import run_generation
 
         single = isinstance(prompts, str) or (isinstance(prompts, list) and (not prompts or isinstance(prompts[0], int)))
         batch = [prompts] if single else list(prompts)  # type: ignore[list-item]
@@ -362,7 +351,6 @@ class Engine:
 
     def stream(self, prompt: str | list[int], cfg: GenConfig | None = None, *, chat: bool = False) -> Iterator[str]:
         """Text deltas as they are decoded; ``"".join(stream(...)) == generate(...).text``."""
-        from slimlm.runtime.decode import iter_generation
 
         for _row, _token, delta in iter_generation(self, [self.encode(prompt, chat=chat)], cfg or GenConfig()):
             if delta:
