@@ -1,6 +1,6 @@
 """Run every case of tests/test_bad_input.py's table through the real CLI and record what it prints.
 
-    PYTHONPATH=. python benchmarks/bad_input_table.py [--smoke]   # → benchmarks/results/bad_input.json + Markdown
+    PYTHONPATH=. python benchmarks/bad_input_table.py [--smoke]   # → benchmarks/results/bad_input_table.json + Markdown
 
 The table in docs/robustness.md is this script's output.
 """
@@ -49,7 +49,7 @@ def main_() -> None:
                     rc = main([a.replace("{tmp}", str(tmp)) for a in case.argv])
             line = err.getvalue().strip().replace(str(tmp), "DIR").replace(root, "TMP")
             rows.append({"input": case.id, "argv": " ".join(case.argv).replace("{tmp}", "DIR"), "exit": rc, "prints": line})
-    out = ROOT / "benchmarks" / "results" / f"bad_input{'_smoke' if smoke else ''}.json"
+    out = ROOT / "benchmarks" / "results" / f"bad_input_table{'_smoke' if smoke else ''}.json"
     out.write_text(json.dumps(rows, indent=1))
     print("| bad input | exit | prints (one line) |\n|---|---:|---|")
     for r in rows:
