@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--windows", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="benchmarks/results/kvcache.json", help="results JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     lm = slimlm.load("default")
@@ -57,6 +58,8 @@ def main() -> None:
         print(f"{r['kv']:10} {r['perplexity']:8.3f} {r['perplexity'] / base['perplexity'] - 1:+7.2%} "
               f"{r['kv_bytes'] / 1e6:8.2f} {r['kv_bytes'] / base['kv_bytes']:7.3f}")
     append_rows([{**r, **run_metadata()} for r in rows])
+    with open(args.out, "w") as f:
+        json.dump({"meta": run_metadata(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
