@@ -107,7 +107,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print(_stats(res), file=sys.stderr)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def add_generation_args(p: argparse.ArgumentParser) -> None:
     from slimlm.runtime.sampling import GenConfig
 
     d = GenConfig()
@@ -131,12 +131,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="generate text from a prompt with the fast engine")
-    _common(g)
+    add_generation_args(g)
     g.add_argument("prompt", help="the prompt (`-` reads it from stdin)")
     g.add_argument("--stream", action="store_true", help="print tokens as they are decoded")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="interactive chat (reads turns from stdin), shows tok/s")
-    _common(c)
+    add_generation_args(c)
     c.add_argument("--system", default=None, help="system message")
     c.set_defaults(func=cmd_chat)

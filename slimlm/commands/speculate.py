@@ -60,10 +60,10 @@ def cmd_speculate(args: argparse.Namespace) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from slimlm.commands.generate import _common
+    from slimlm.commands.generate import add_generation_args
 
     p = sub.add_parser("speculate", help="speculative (--draft), contrastive (--amateur) or proxy-tuned (--proxy) generation")
-    _common(p)  # MODEL (target / expert / large base) and every GenConfig and engine option of `slimlm generate`
+    add_generation_args(p)  # MODEL (target / expert / large base) and every GenConfig and engine option of `slimlm generate`
     p.add_argument("prompt")
     p.add_argument("--draft", help="lookup | lookup:N | self:N | a model with the same tokenizer")
     p.add_argument("--k", type=int, default=4, help="draft tokens per target forward (start value)")

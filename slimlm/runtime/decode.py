@@ -43,12 +43,13 @@ class _Row:
     finish: str | None = None
 
 
-def _cut_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+def cut_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text before the earliest stop string, and whether one was found."""
     hits = [text.find(s) for s in stops if s in text]
     return (text[: min(hits)], True) if hits else (text, False)
 
 
-def _safe_end(text: str, stops: list[str]) -> int:
+def safe_end(text: str, stops: list[str]) -> int:
     """How much of ``text`` can be streamed now: not an incomplete character, not a possible stop prefix."""
     end = len(text.rstrip("\ufffd"))
     for s in stops:
@@ -116,12 +117,12 @@ def iter_generation(engine: Any, prompts: list[list[int]], cfg: GenConfig,
             row.tokens.append(t)
             row.logprobs.append(float(logp[r]))
             full = tok.decode(row.tokens, skip_special_tokens=True)
-            row.text, hit = _cut_stop(full, cfg.stop)
+            row.text, hit = cut_stop(full, cfg.stop)
             if hit:
                 row.finish = "stop"
                 yield from _flush(r, row, t)
                 continue
-            end = _safe_end(row.text, cfg.stop)
+            end = safe_end(row.text, cfg.stop)
             delta, row.emitted = row.text[row.emitted:end], max(row.emitted, end)
             yield r, t, delta
         if all(row.finish for row in rows) or step == budget - 1:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from slimlm.runtime.decode import _cut_stop, _safe_end, check_prompts
+from slimlm.runtime.decode import cut_stop, safe_end, check_prompts
 from slimlm.runtime.engine import Engine
 from slimlm.runtime.sampling import GenConfig, sample
 
@@ -73,10 +73,10 @@ class Emitter:
                 return
             self.tokens.append(tok)
             self.logprobs.append(lp)
-            self.text, hit = _cut_stop(self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.stops)
+            self.text, hit = cut_stop(self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.stops)
             if hit or len(self.tokens) >= self.budget:
                 self.reason = "stop" if hit else "length"
-            self._send(tok, len(self.text) if self.finished else _safe_end(self.text, self.stops))
+            self._send(tok, len(self.text) if self.finished else safe_end(self.text, self.stops))
 
     def _send(self, tok: int, end: int) -> None:
         delta, self._emitted = self.text[self._emitted:end], max(self._emitted, end)
