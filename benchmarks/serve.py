@@ -1,7 +1,9 @@
 """The server under load: 1, 8 and 32 concurrent streaming clients on loopback, default model.
 
 Each client runs a bounded loop of streaming /v1/completions requests (greedy, fixed length, so
-every answer is checkable) and stops by itself. Per concurrency level: p50/p99 latency, p50/p99 time
+every answer is checkable) over its own keep-alive connection (as load generators do: a fresh
+``httpx`` client per request costs tens of ms of GIL-bound set-up, which spreads the arrivals of
+clients that start together) and stops by itself. Per concurrency level: p50/p99 latency, p50/p99 time
 to first token, aggregate generated tokens/s over the level's wall time, mean engine batch size, and
 the count of failed or corrupted responses — a response is corrupted when its streamed text differs
 from the same prompt's answer at concurrency 1 (sequential, unbatched).
@@ -38,11 +40,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def one_request(url: str, prompt: str, max_tokens: int) -> dict:
+def one_request(http: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict:
     t0 = time.perf_counter()
     ttft, text, tokens, ok = None, [], 0, True
     try:
-        with httpx.stream("POST", url + "/v1/completions", timeout=600,
+        with http.stream("POST", url + "/v1/completions", timeout=600,
                           json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                                 "stream_options": {"include_usage": True}}) as r:
             ok = r.status_code == 200
@@ -72,10 +74,11 @@ def level(url: str, clients: int, per_client: int, max_tokens: int) -> list[dict
     lock = threading.Lock()
 
     def client(c: int) -> None:
-        for k in range(per_client):
-            r = one_request(url, PROMPTS[(c + k * clients) % len(PROMPTS)], max_tokens)
-            with lock:
-                out.append(r)
+        with httpx.Client() as http:  # one keep-alive connection per client, as load generators use
+            for k in range(per_client):
+                r = one_request(http, url, PROMPTS[(c + k * clients) % len(PROMPTS)], max_tokens)
+                with lock:
+                    out.append(r)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
@@ -104,7 +107,8 @@ def main() -> None:
     result = {"model": "default (SmolLM2-135M)", "max_tokens": args.max_tokens, "max_batch": args.max_batch,
               "engine_dtype": str(engine.dtype), "torch_threads": torch.get_num_threads(), "levels": {}}
     try:
-        one_request(srv.url, PROMPTS[0], 4)  # warm-up (first-call allocations), not measured
+        with httpx.Client() as http:
+            one_request(http, srv.url, PROMPTS[0], 4)  # warm-up (first-call allocations), not measured
         for clients in [int(x) for x in args.levels.split(",")]:
             per_client = len(PROMPTS) if clients == 1 else max(1, args.requests // clients)
             b0, r0 = m.value("slimlm_batches_total", model="default"), m.value("slimlm_batch_rows_total", model="default")

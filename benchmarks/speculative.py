@@ -159,6 +159,7 @@ def main() -> None:
     ap.add_argument("--draft-dir", default=os.environ.get("SLIMLM_SPEC_DRAFTS", "/work/cache/spec"))
     ap.add_argument("--draft-steps", type=int, default=24, help="distillation steps of the model draft (4×256 tokens each)")
     ap.add_argument("--draft-model", default=None, help="use this draft model instead of building one")
+    ap.add_argument("--drafts", default="lookup,self,model", help="comma-separated subset of lookup, self, model")
     ap.add_argument("--quick", action="store_true", help="2 prompts, 48 new tokens")
     ap.add_argument("--no-lock", action="store_true", help="the caller already holds /tmp/slimlm-cpu.lock")
     ap.add_argument("--out", default="benchmarks/results/speculative.json")
@@ -170,13 +171,21 @@ def main() -> None:
     if not args.no_lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held until the process exits: no one else perturbs the timings
     torch.set_num_threads(args.threads)
-    draft_src = Path(args.draft_model) if args.draft_model else ensure_draft(Path(args.draft_dir), args.draft_steps)
+    kinds = set(args.drafts.split(","))
+    if not kinds or not kinds <= {"lookup", "self", "model"}:
+        ap.error(f"--drafts takes lookup, self and/or model, not {args.drafts!r}")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int4": None}[args.format]  # None: the engine's choice (bf16)
     folder = Path(args.draft_dir)
     target = Engine(slimlm.load(as_format("default", args.format, folder)), max_seq=1024, dtype=dtype)
-    draft_src = Path(as_format(str(draft_src), args.format, folder))
-    drafts = {"lookup": make_draft("lookup", target), f"self:{args.self_blocks}": make_draft(f"self:{args.self_blocks}", target),
-              "model": ModelDraft(Engine(slimlm.load(draft_src), max_seq=1024, dtype=dtype), name=str(draft_src))}
+    drafts: dict = {}
+    if "lookup" in kinds:
+        drafts["lookup"] = make_draft("lookup", target)
+    if "self" in kinds:
+        drafts[f"self:{args.self_blocks}"] = make_draft(f"self:{args.self_blocks}", target)
+    if "model" in kinds:
+        draft_src = Path(args.draft_model) if args.draft_model else ensure_draft(folder, args.draft_steps)
+        draft_src = Path(as_format(str(draft_src), args.format, folder))
+        drafts["model"] = ModelDraft(Engine(slimlm.load(draft_src), max_seq=1024, dtype=dtype), name=str(draft_src))
     spec = SpecConfig(k=args.k, k_max=args.k_max)
     cfg = GenConfig(max_new_tokens=args.new_tokens)  # greedy; a summary may end at EOS before the budget
     tok = target.tokenizer
@@ -185,10 +194,12 @@ def main() -> None:
         "open": [tok(p)["input_ids"][:64] for p in paragraphs(args.prompts, tok, 80, 400)],
     }
     target.generate(tasks["open"][0], GenConfig(max_new_tokens=8))  # warm-up
-    draft_lm = drafts["model"].engine.lm.info
-    result = {"config": {**vars(args), "draft_model": str(draft_src), "draft_blocks": draft_lm.n_layers,
-                         "target_kernels": sorted(set(target.paths)), "engine_dtype": str(target.dtype),
-                         "draft_params": draft_lm.n_params, "target_params": target.lm.info.n_params, "spec": vars(spec)},
+    model_draft = {}
+    if "model" in drafts:
+        info = drafts["model"].engine.lm.info
+        model_draft = {"draft_model": drafts["model"].name, "draft_blocks": info.n_layers, "draft_params": info.n_params}
+    result = {"config": {**vars(args), **model_draft, "target_kernels": sorted(set(target.paths)), "engine_dtype": str(target.dtype),
+                         "target_params": target.lm.info.n_params, "spec": vars(spec)},
               "target_forward_ms": forward_ms(target), "meta": run_metadata()}
     rows: list[dict] = []
     for i in range(args.prompts):  # tasks interleaved: a run cut short still has both

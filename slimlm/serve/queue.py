@@ -3,8 +3,11 @@
 Requests wait in a bounded FIFO (full → :class:`QueueFull`, answered 503). The worker takes the
 oldest request and gathers every waiting request with the *same* decoding config that fits the
 context beside the others (up to ``max_batch``; a short gather window lets concurrent arrivals
-meet, and after a batch of b rows it waits up to ``refill_s`` for b requests, since the clients just
-answered tend to ask again at once). The batch runs through ``iter_generation`` — the loop behind
+meet, and when a batch of b rows ends with w requests already waiting, the next batch waits up to
+``refill_s`` for w + b of them, since the clients just answered tend to ask again at once: without
+that, requests that arrived during a batch form the next one alone and two half-size groups alternate
+for good; 50 ms was too short for 8 streaming clients on loopback, 300 ms merges them — see
+docs/serving.md). The batch runs through ``iter_generation`` — the loop behind
 ``Engine.generate(list_of_prompts, cfg)``, which also says which row each text delta belongs to — so
 each row's deltas go only to its own request and outputs are never interleaved; batched greedy rows
 equal their sequential answers (the engine's contract). Other engine work (an entropy prefill for
@@ -46,7 +49,7 @@ class ModelWorker:
     """Owns one engine; implements the router's ``Backend`` (encode / generate / call)."""
 
     def __init__(self, name: str, engine: Any, metrics: Metrics, *, max_queue: int = 64, max_batch: int = 8,
-                 gather_s: float = 0.01, refill_s: float = 0.05) -> None:
+                 gather_s: float = 0.01, refill_s: float = 0.3) -> None:
         self.name = name
         self.engine = engine
         self.metrics = metrics
@@ -54,7 +57,7 @@ class ModelWorker:
         self.max_batch = min(max_batch, int(getattr(engine, "max_batch", max_batch)))  # the engine's cache rows
         self.gather_s = gather_s
         self.refill_s = refill_s
-        self._last_batch = 1
+        self._expect = 1  # requests the next batch waits (≤ refill_s) for: those waiting + those just answered
         self._jobs: deque[Job] = deque()
         self._cv = threading.Condition()
         self._running = 0
@@ -110,10 +113,10 @@ class ModelWorker:
         if first.fn is None and self.gather_s > 0:
             time.sleep(self.gather_s)  # let requests that arrive together share the batch
         with self._cv:
-            # Clients whose answers just finished usually ask again at once: wait briefly for as many
-            # requests as the last batch held, so two half-size groups do not alternate forever.
+            # Clients whose answers just finished usually ask again at once: wait briefly for them to
+            # join the requests that queued during the last batch, so the groups merge.
             deadline = time.perf_counter() + self.refill_s
-            while first.fn is None and len(self._jobs) < min(self._last_batch, self.max_batch) and not self._stop:
+            while first.fn is None and len(self._jobs) < self._expect and not self._stop:
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
@@ -132,8 +135,6 @@ class ModelWorker:
                     (batch if fits else keep).append(job)
                 self._jobs.extendleft(reversed(keep))
             self._running = len(batch)
-            if first.fn is None:
-                self._last_batch = len(batch)
         return batch
 
     def _loop(self) -> None:
@@ -157,6 +158,8 @@ class ModelWorker:
             finally:
                 with self._cv:
                     self._running = 0
+                    if batch[0].fn is None:
+                        self._expect = min(len(self._jobs) + len(batch), self.max_batch)
 
     def _generate(self, batch: list[Job]) -> None:
         from slimlm.runtime.decode import iter_generation
